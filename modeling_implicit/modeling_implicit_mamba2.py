@@ -112,7 +112,7 @@ class ImplicitMamba2Mixer(nn.Module):
 
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
         if mask is not None:
-            dt = dt * mask.to(dt.dtype)
+            dt = dt * mask[..., None].to(dt.dtype)
         A = -torch.exp(self.A_log.float())
         if seq_len == 1:
             if ssm_state is None:

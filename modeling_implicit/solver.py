@@ -132,7 +132,8 @@ class _Anderson:
 
     def step(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
-        x, f = z.float().reshape(batch, -1), fz.float().reshape(batch, -1)
+        dtype = torch.promote_types(z.dtype, torch.float32)  # at least float32 for the least-squares system
+        x, f = z.to(dtype).reshape(batch, -1), fz.to(dtype).reshape(batch, -1)
         if self.xs is None:
             self.xs = x.new_zeros(batch, self.memory, x.shape[1])
             self.fs = x.new_zeros(batch, self.memory, x.shape[1])

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny configs and a tokenizer built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import modeling_implicit as mi  # noqa: E402
+
+
+def tiny_mamba2_config(**overrides) -> mi.ImplicitMamba2Config:
+    """A 2-layer model small enough for CPU tests; tight tolerance so both modes reach the same fixed point."""
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        head_dim=8,
+        n_groups=2,
+        chunk_size=4,
+        max_iterations=60,
+        eval_max_iterations=200,
+        tolerance=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    return mi.ImplicitMamba2Config(**settings)
+
+
+def tiny_mamba2(seed: int = 0, **overrides) -> mi.ImplicitMamba2ForCausalLM:
+    torch.manual_seed(seed)
+    return mi.ImplicitMamba2ForCausalLM(tiny_mamba2_config(**overrides)).eval()
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    """A byte-level BPE tokenizer trained on a few sentences, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "the implicit model iterates its layers to a fixed point",
+        "mary went to the kitchen and john went to the garden",
+        "a state space model is a recurrent network with linear transitions",
+    ] * 20
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )

@@ -1,0 +1,96 @@
+"""Saved folders are self-contained Hub repos: remote code, auto_map, tokenizer, pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from conftest import ROOT, tiny_mamba2
+
+import modeling_implicit as mi
+
+REMOTE_FILES = {
+    "configuration_implicit.py",
+    "configuration_implicit_mamba2.py",
+    "modeling_implicit_mamba2.py",
+    "modeling_implicit_utils.py",
+    "mamba2_ops.py",
+    "solver.py",
+}
+
+
+def test_save_writes_code_and_auto_map(tmp_path):
+    tiny_mamba2().save_pretrained(tmp_path)
+    assert REMOTE_FILES <= {p.name for p in tmp_path.iterdir()}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "implicit_mamba2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_implicit_mamba2.ImplicitMamba2ForCausalLM"
+    assert config["auto_map"]["AutoConfig"] == "configuration_implicit_mamba2.ImplicitMamba2Config"
+
+
+def test_remote_code_loads_without_the_package(tmp_path):
+    model = tiny_mamba2()
+    folder = tmp_path / "repo"
+    model.save_pretrained(folder)
+    tokens = torch.tensor([[5, 9, 13, 2, 40]])
+    with torch.no_grad():
+        expected = model(tokens).logits
+    torch.save({"tokens": tokens, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "modeling_implicit" not in sys.modules, "the package was imported"
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = model(data["tokens"]).logits
+        assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+        print("REMOTE_OK", type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env["PYTHONPATH"] = ""  # the subprocess must not see this repo
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE_OK ImplicitMamba2ForCausalLM" in result.stdout
+
+
+def test_pipeline_text_generation(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    model = tiny_mamba2(
+        vocab_size=len(tiny_tokenizer),
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    generator = pipeline("text-generation", model=loaded, tokenizer=tiny_tokenizer, device="cpu")
+    outputs = generator(["mary went to the", "the implicit"], max_new_tokens=8, do_sample=False)
+    assert len(outputs) == 2
+    for prompt, out in zip(["mary went to the", "the implicit"], outputs):
+        assert out[0]["generated_text"].startswith(prompt)
+    # Batched pipeline output equals the single-prompt run (left padding is masked inside the recurrence).
+    single = generator("the implicit", max_new_tokens=8, do_sample=False)
+    assert single[0]["generated_text"] == outputs[1][0]["generated_text"]
+    batched = generator(["mary went to the", "the implicit"], max_new_tokens=8, do_sample=False, batch_size=2)
+    assert [b[0]["generated_text"] for b in batched] == [o[0]["generated_text"] for o in outputs]
+
+
+def test_modeling_folder_imports_nothing_from_the_repo():
+    for path in (ROOT / "modeling_implicit").glob("*.py"):
+        text = path.read_text()
+        for forbidden in ("from conversion", "from eval", "import conversion", "import eval", "from ..", "from . import"):
+            assert forbidden not in text, f"{path.name}: {forbidden}"
+    assert mi.ImplicitMamba2ForCausalLM.__module__ == "modeling_implicit.modeling_implicit_mamba2"
