@@ -228,7 +228,7 @@ class ImplicitBackboneMixin:
         if tokens.dim() < 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"Empty input: expected (batch, seq_len) with both > 0, got shape {tuple(tokens.shape)}.")
         if input_ids is not None:
-            low, high = input_ids.min().item(), input_ids.max().item()
+            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
                     f"Token ids must lie in [0, {self.config.vocab_size}) (config.vocab_size); got ids in [{low}, {high}]."

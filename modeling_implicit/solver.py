@@ -82,15 +82,6 @@ class SolverStats:
             converged=torch.stack([s.converged for s in per_token], dim=1),
         )
 
-    @classmethod
-    def cat(cls, parts: list[SolverStats]) -> SolverStats:
-        """Join `(batch, n_i)` token stats along the sequence."""
-        return cls(
-            iterations=torch.cat([p.iterations for p in parts], dim=1),
-            residual=torch.cat([p.residual for p in parts], dim=1),
-            converged=torch.cat([p.converged for p in parts], dim=1),
-        )
-
 
 @dataclass
 class FixedPointResult:

@@ -265,3 +265,29 @@ def test_training_step_reduces_loss():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert model(tokens, labels=tokens).past_key_values is None
+
+
+@pytest.mark.parametrize("prefill_mode", ["simultaneous", "sequential"])
+def test_multi_token_continuation_from_a_cache(prefill_mode):
+    model = tiny_mamba2(prefill_mode=prefill_mode)
+    tokens = ids(length=10)
+    with torch.no_grad():
+        full = model(tokens, use_cache=False).logits
+        first = model(tokens[:, :6], use_cache=True)
+        rest = model(tokens[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    assert rest.past_key_values.get_seq_length() == 10
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_forward_and_generation():
+    model = tiny_mamba2(tolerance=1e-2)
+    tokens = ids()
+    with torch.no_grad():
+        reference = model(tokens, use_cache=False).logits
+        model.to(torch.bfloat16)
+        out = model(tokens, use_cache=True)
+    conv, ssm = out.past_key_values.states
+    assert conv.dtype == torch.bfloat16 and ssm.dtype == torch.float32
+    assert out.logits.dtype == torch.float32
+    assert (out.logits - reference).abs().max() < 0.05
+    assert model.generate(tokens, max_new_tokens=3, do_sample=False).shape == (2, 12)
