@@ -201,6 +201,12 @@ def test_bad_input_raises_clear_errors(kwargs, match):
         tiny_mamba2()(**kwargs)
 
 
+def fixed_point_function(backbone, tokens):
+    """The backbone's f(z) for `tokens` (no padding, no cache), as the solver sees it."""
+    injection = backbone.injection(backbone.embeddings(tokens))
+    return backbone._fixed_point_function(injection, None, None, return_states=False)
+
+
 def test_training_uses_phantom_gradients_that_approach_the_ift_gradient():
     """Phantom gradients (eq. 5, lambda = 1) converge to the implicit-function-theorem gradient as k grows."""
     model = tiny_mamba2(num_hidden_layers=1, max_iterations=400, tolerance=1e-11, phantom_damping=1.0).double()
@@ -213,8 +219,7 @@ def test_training_uses_phantom_gradients_that_approach_the_ift_gradient():
     # Exact gradient: solve (I - J)^T v = dL/dz* at the fixed point, then v^T df/dtheta.
     with torch.no_grad():
         z_star = backbone(tokens, use_cache=False).last_hidden_state
-    injection = backbone.injection(backbone.embeddings(tokens))
-    fn = backbone._fixed_point_function(injection, None, None, return_states=False)
+    fn = fixed_point_function(backbone, tokens)
     jacobian = torch.autograd.functional.jacobian(lambda z: fn(z.view_as(z_star))[0].flatten(), z_star.flatten())
     v = torch.linalg.solve((torch.eye(jacobian.shape[0], dtype=torch.float64) - jacobian).T, weights.flatten())
     exact = torch.autograd.grad(fn(z_star)[0], params, grad_outputs=v.view_as(z_star))
@@ -239,7 +244,7 @@ def test_unrolled_backward_equals_autograd_through_the_loop():
         out = backbone(tokens, use_cache=False).last_hidden_state
     grads = torch.autograd.grad(out.sum(), params, allow_unused=True)
 
-    fn = backbone._fixed_point_function(backbone.injection(backbone.embeddings(tokens)), None, None, False)
+    fn = fixed_point_function(backbone, tokens)
     z = torch.zeros_like(out)
     for step in range(5):
         fz = fn(z)[0]

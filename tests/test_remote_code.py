@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import torch
 from conftest import ROOT, tiny_mamba2

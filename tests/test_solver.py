@@ -16,7 +16,7 @@ def settings(**overrides) -> SolverSettings:
 
 
 def linear_map(weight: torch.Tensor, bias: torch.Tensor):
-    """f(z) = z W^T + b per sample, with the iterate count of each call recorded as aux."""
+    """f(z) = z W^T + b per sample, no aux outputs."""
 
     def fn(z):
         return z @ weight.T + bias, None
