@@ -1,6 +1,6 @@
-"""Main job: an implicit Mamba2 end to end through transformers.
+"""Main job: an implicit Mamba2 (or, with `--family llama`, an implicit Llama) end to end through transformers.
 
-Until trained default models ship with the package, this builds a small implicit Mamba2 with RANDOM weights and a
+Until trained default models ship with the package, this builds a small implicit model with RANDOM weights and a
 byte-level tokenizer, saves them as a Hub-layout folder (config with auto_map, safetensors, remote code, tokenizer),
 reloads the folder with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, checks that the
 simultaneous and sequential modes agree, and generates with `pipeline("text-generation")`, reporting how many
@@ -37,15 +37,14 @@ def byte_level_tokenizer():
     )
 
 
-def build_random_model(tokenizer, args: argparse.Namespace) -> mi.ImplicitMamba2ForCausalLM:
+def build_random_model(
+    tokenizer, args: argparse.Namespace
+) -> mi.ImplicitMamba2ForCausalLM | mi.ImplicitLlamaForCausalLM:
     torch.manual_seed(args.seed)
-    config = mi.ImplicitMamba2Config(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
         num_hidden_layers=args.layers,
-        state_size=16,
-        head_dim=16,
-        chunk_size=64,
         solver=args.solver,
         tolerance=args.tolerance,
         eval_max_iterations=args.max_iterations,
@@ -53,6 +52,12 @@ def build_random_model(tokenizer, args: argparse.Namespace) -> mi.ImplicitMamba2
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if args.family == "llama":
+        config = mi.ImplicitLlamaConfig(
+            intermediate_size=2 * args.hidden_size, num_attention_heads=4, num_key_value_heads=2, **common
+        )
+        return mi.ImplicitLlamaForCausalLM(config)
+    config = mi.ImplicitMamba2Config(state_size=16, head_dim=16, chunk_size=64, **common)
     return mi.ImplicitMamba2ForCausalLM(config)
 
 
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default="Implicit language models are")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "demo-implicit-mamba2")
+    parser.add_argument("--family", choices=["mamba2", "llama"], default="mamba2")
+    parser.add_argument("--output-dir", type=Path, help="defaults to outputs/demo-implicit-<family>")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--solver", choices=["picard", "anderson"], default="anderson")
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    if args.output_dir is None:
+        args.output_dir = ROOT / "outputs" / f"demo-implicit-{args.family}"
 
     from transformers import AutoModelForCausalLM, pipeline
 
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Saved a {n_params / 1e3:.0f}K-parameter implicit Mamba2 with remote code to {args.output_dir}")
+    print(f"Saved a {n_params / 1e3:.0f}K-parameter {type(model).__name__} with remote code to {args.output_dir}")
 
     loaded = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True).eval()
     print(f"Reloaded with AutoModelForCausalLM(trust_remote_code=True): {type(loaded).__name__}")
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         if output.solver_stats is not None and output.solver_stats.iterations.dim() == 2:
             per_token_iterations.extend(output.solver_stats.iterations.flatten().tolist())
 
-    hook = loaded.backbone.register_forward_hook(record)
+    hook = loaded.base_model.register_forward_hook(record)
     generator = pipeline("text-generation", model=loaded, tokenizer=tokenizer, device="cpu")
     start = time.perf_counter()
     text = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)[0]["generated_text"]

@@ -8,7 +8,15 @@ with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_implicit import ImplicitPretrainedConfig
+from .configuration_implicit_llama import ImplicitLlamaConfig
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
+from .modeling_implicit_llama import (
+    ImplicitLlamaCache,
+    ImplicitLlamaForCausalLM,
+    ImplicitLlamaModel,
+    ImplicitLlamaPreTrainedModel,
+    LengthExtrapolationWarning,
+)
 from .modeling_implicit_mamba2 import (
     ImplicitMamba2Cache,
     ImplicitMamba2ForCausalLM,
@@ -20,20 +28,30 @@ from .modeling_implicit_utils import (
     ImplicitCache,
     ImplicitCausalLMOutput,
     ImplicitModelOutput,
+    StackInputs,
 )
 from .solver import SolverDivergenceError, SolverSettings, SolverStats, solve_fixed_point
 
-AutoConfig.register(ImplicitMamba2Config.model_type, ImplicitMamba2Config, exist_ok=True)
-AutoModel.register(ImplicitMamba2Config, ImplicitMamba2Model, exist_ok=True)
-AutoModelForCausalLM.register(ImplicitMamba2Config, ImplicitMamba2ForCausalLM, exist_ok=True)
-ImplicitMamba2Config.register_for_auto_class()
-ImplicitMamba2Model.register_for_auto_class("AutoModel")
-ImplicitMamba2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _config, _model, _causal_lm in (
+    (ImplicitMamba2Config, ImplicitMamba2Model, ImplicitMamba2ForCausalLM),
+    (ImplicitLlamaConfig, ImplicitLlamaModel, ImplicitLlamaForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "ConvergenceWarning",
     "ImplicitCache",
     "ImplicitCausalLMOutput",
+    "ImplicitLlamaCache",
+    "ImplicitLlamaConfig",
+    "ImplicitLlamaForCausalLM",
+    "ImplicitLlamaModel",
+    "ImplicitLlamaPreTrainedModel",
     "ImplicitMamba2Cache",
     "ImplicitMamba2Config",
     "ImplicitMamba2ForCausalLM",
@@ -41,8 +59,10 @@ __all__ = [
     "ImplicitMamba2PreTrainedModel",
     "ImplicitModelOutput",
     "ImplicitPretrainedConfig",
+    "LengthExtrapolationWarning",
     "SolverDivergenceError",
     "SolverSettings",
     "SolverStats",
+    "StackInputs",
     "solve_fixed_point",
 ]

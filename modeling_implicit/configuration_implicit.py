@@ -38,6 +38,8 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         initializer_range (`float`, defaults to 0.02): standard deviation of the normal initialisation of embeddings
             and linear layers.
         tie_word_embeddings (`bool`, defaults to `True`): share the LM head weight with the token embedding.
+        residual_in_fp32 (`bool`, defaults to `True`): keep the residual stream of every block in float32, whatever
+            the weights' dtype.
         use_cache (`bool`, defaults to `True`): return a cache of fixed-point states for generation.
         pad_token_id / bos_token_id / eos_token_id (`int`, *optional*): special token ids.
 
@@ -77,6 +79,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    residual_in_fp32: bool = True
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None

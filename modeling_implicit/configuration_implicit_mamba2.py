@@ -20,7 +20,6 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
         chunk_size (`int`, defaults to 256): chunk length of the parallel (SSD) scan, in tokens.
         use_bias (`bool`, defaults to `False`): bias in the mixers' `in_proj` and `out_proj`.
         use_conv_bias (`bool`, defaults to `True`): bias in the convolution.
-        residual_in_fp32 (`bool`, defaults to `True`): keep the residual stream in float32.
         time_step_min / time_step_max (`float`, defaults to 0.001 / 0.1): range of the initial time step `dt`.
         time_step_floor (`float`, defaults to 1e-4): lower clamp of the initial `dt`.
         time_step_limit (`tuple[float, float]`, defaults to `(0.0, inf)`): clamp of `dt` in every forward.
@@ -42,7 +41,6 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
     chunk_size: int = 256
     use_bias: bool = False
     use_conv_bias: bool = True
-    residual_in_fp32: bool = True
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .numerics import at_least_float32
+
 
 def causal_conv1d_silu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
@@ -74,12 +76,12 @@ def ssd_chunk_scan(
     """
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
-    x, dt = x.float(), dt.float()
-    B = B.float().repeat_interleave(heads // groups, dim=2)
-    C = C.float().repeat_interleave(heads // groups, dim=2)
+    x, dt = at_least_float32(x), at_least_float32(dt)
+    B = at_least_float32(B).repeat_interleave(heads // groups, dim=2)
+    C = at_least_float32(C).repeat_interleave(heads // groups, dim=2)
     pad = (-length) % chunk_size
     x_dt = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))
-    decay = F.pad(dt * A.float(), (0, 0, 0, pad))  # zero log-decay on padding: state passes through unchanged
+    decay = F.pad(dt * at_least_float32(A), (0, 0, 0, pad))  # zero log-decay on padding: state passes through unchanged
     B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C))
     chunks = (length + pad) // chunk_size
 
@@ -101,7 +103,7 @@ def ssd_chunk_scan(
     # 3. Recurrence over chunks gives the state entering each chunk.
     if initial_state is None:
         initial_state = chunk_states.new_zeros(batch, heads, head_dim, chunk_states.shape[-1])
-    chunk_states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)
+    chunk_states = torch.cat([at_least_float32(initial_state)[:, None], chunk_states], dim=1)
     across = torch.exp(_segment_sum(F.pad(decay_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
     entering = torch.einsum("bhzc,bchpn->bzhpn", across, chunk_states)
     entering, final_state = entering[:, :-1], entering[:, -1]
@@ -110,7 +112,7 @@ def ssd_chunk_scan(
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(decay_cumsum))
 
     y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
-    return y + x * D.float()[:, None], final_state
+    return y + x * at_least_float32(D)[:, None], final_state
 
 
 def ssd_step(
@@ -127,12 +129,12 @@ def ssd_step(
     Returns `y (b, h, p)` and the new state, both float32; `state` is not modified.
     """
     heads, groups = x.shape[1], B.shape[1]
-    x, dt = x.float(), dt.float()
-    B = B.float().repeat_interleave(heads // groups, dim=1)
-    C = C.float().repeat_interleave(heads // groups, dim=1)
-    decay = torch.exp(dt * A.float())[..., None, None]
-    new_state = state.float() * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", new_state, C) + x * D.float()[:, None]
+    x, dt = at_least_float32(x), at_least_float32(dt)
+    B = at_least_float32(B).repeat_interleave(heads // groups, dim=1)
+    C = at_least_float32(C).repeat_interleave(heads // groups, dim=1)
+    decay = torch.exp(dt * at_least_float32(A))[..., None, None]
+    new_state = at_least_float32(state) * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C) + x * at_least_float32(D)[:, None]
     return y, new_state
 
 
@@ -141,7 +143,7 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """Mamba2's output norm: `RMSNorm(x * silu(gate))` with the statistics taken per group of `group_size` channels."""
     dtype = gate.dtype
-    hidden = x.float() * F.silu(gate.float())
+    hidden = at_least_float32(x) * F.silu(at_least_float32(gate))
     grouped = hidden.unflatten(-1, (-1, group_size))
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
     return weight * grouped.flatten(-2).to(dtype)

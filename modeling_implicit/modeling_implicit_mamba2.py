@@ -22,7 +22,9 @@ from .modeling_implicit_utils import (
     ImplicitCausalLMMixin,
     InputInjection,
     RMSNorm,
+    StackInputs,
 )
+from .numerics import at_least_float32
 
 Mamba2States = tuple[torch.Tensor, torch.Tensor]
 
@@ -110,10 +112,10 @@ class ImplicitMamba2Mixer(nn.Module):
         group_width = self.n_groups * self.state_size
         x, B, C = xbc.split([self.intermediate_size, group_width, group_width], dim=-1)
 
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        dt = F.softplus(at_least_float32(dt) + at_least_float32(self.dt_bias)).clamp(*self.time_step_limit)
         if mask is not None:
             dt = dt * mask[..., None].to(dt.dtype)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(at_least_float32(self.A_log))
         if seq_len == 1:
             if ssm_state is None:
                 ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
@@ -161,7 +163,7 @@ class ImplicitMamba2Block(nn.Module):
         conv_state: torch.Tensor | None,
         ssm_state: torch.Tensor | None,
     ) -> tuple[torch.Tensor, Mamba2States]:
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
         mixed, states = self.mixer(
             self.norm(hidden_states.to(self.norm.weight.dtype)), injection, mask, conv_state, ssm_state
         )
@@ -232,13 +234,12 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         self,
         hidden_states: torch.Tensor,
         injection: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
+        stack_inputs: StackInputs,
         cache: ImplicitMamba2Cache | None,
         return_states: bool,
     ) -> tuple[torch.Tensor, Mamba2States | None]:
-        """One pass of the stack (without `norm_f`) against the committed states in `cache`, which it only reads."""
-        seq_len = hidden_states.shape[1]
-        mask = None if attention_mask is None else attention_mask[:, -seq_len:]
+        """One pass of the stack and `norm_f` against the committed states in `cache`, which it only reads."""
+        mask = stack_inputs.padding_mask
         past = cache.states if cache is not None else None
         conv_states, ssm_states = [], []
         for index, layer in enumerate(self.layers):
@@ -251,6 +252,7 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
             )
             conv_states.append(conv_state)
             ssm_states.append(ssm_state)
+        hidden_states = self.norm_f(hidden_states)
         if not return_states:
             return hidden_states, None
         return hidden_states, (torch.stack(conv_states, dim=1), torch.stack(ssm_states, dim=1))

@@ -1,15 +1,16 @@
 """Pieces every implicit model shares: outputs, the fixed-point cache base, the solve driver and the causal-LM glue.
 
 An implicit backbone subclasses `ImplicitBackboneMixin` and provides the model-specific parts only:
-`_evaluate_stack` (one pass of the layer stack given the injected input and the committed cache), `make_cache` and
-the modules `injection` (an `InputInjection`, None for explicit models) and `norm_f`. Everything else (embedding,
-injection, which mode to solve in, the solver, committing states, statistics, warnings, validation) lives here once.
+`_evaluate_stack` (one pass of the layer stack and its final norm, given the injected input and the committed cache),
+`_prepare_stack_inputs` (masks and positions, built once per call), `make_cache` and the module `injection` (an
+`InputInjection`, None for explicit models). Everything else (embedding, injection, which mode to solve in, the
+solver, padding, committing states, statistics, warnings, validation) lives here once.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .numerics import at_least_float32
 from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
 
 
@@ -26,7 +28,7 @@ class ConvergenceWarning(UserWarning):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 (as Llama's and Mamba2's)."""
+    """Root-mean-square norm computed in at least float32 (as Llama's and Mamba2's)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -35,7 +37,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
+        hidden_states = at_least_float32(hidden_states)
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * hidden_states.to(dtype)
 
@@ -86,6 +88,26 @@ class ImplicitCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     solver_stats: SolverStats | None = None
+
+
+@dataclass
+class StackInputs:
+    """What one evaluation of the layer stack needs besides `z` and the cache, built once per forward call before
+    the solver starts iterating.
+
+    Attributes:
+        padding_mask: `(batch, seq_len)` 1 for real tokens and 0 for padding among the new tokens, or `None` when
+            nothing is padded. Padding positions of `z` are held at zero, so they never enter a residual.
+
+    Models with attention subclass it with their masks and positional embeddings and override `token`.
+    """
+
+    padding_mask: torch.Tensor | None
+
+    def token(self, index: int, past_len: int) -> StackInputs:
+        """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
+        mask = None if self.padding_mask is None else self.padding_mask[:, index : index + 1]
+        return replace(self, padding_mask=mask)
 
 
 class ImplicitCache(Cache):
@@ -186,8 +208,9 @@ class ImplicitBackboneMixin:
     """Embedding -> input injection -> fixed-point solve over the layer stack, in either mode.
 
     Requires on the subclass: `config`, `get_input_embeddings()`, `injection` (an `InputInjection`, None when explicit),
-    `norm_f`,
-    `_evaluate_stack(z, injection, attention_mask, cache, return_states) -> (z, states)` and `make_cache()`.
+    `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), states)` (the layer stack and its
+    final norm; it reads the cache and never writes it) and `make_cache()`. Models whose layers need more than the
+    padding mask (attention masks, positions) override `_prepare_stack_inputs`.
     """
 
     def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None) -> str:
@@ -199,16 +222,33 @@ class ImplicitBackboneMixin:
             return self.config.inference_mode
         return "sequential" if seq_len == 1 else self.config.prefill_mode
 
+    def _prepare_stack_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        past_len: int,
+    ) -> StackInputs:
+        """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
+        `(batch, past_len + seq_len)` mask or `None` (no padding). Models without positions ignore `position_ids`."""
+        seq_len = inputs_embeds.shape[1]
+        return StackInputs(None if attention_mask is None else attention_mask[:, -seq_len:])
+
     def _fixed_point_function(
         self,
         injection: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
+        stack_inputs: StackInputs,
         cache: ImplicitCache | None,
         return_states: bool,
     ):
+        keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
+
         def fn(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            out, states = self._evaluate_stack(z, injection, attention_mask, cache, return_states)
-            return self.norm_f(out).to(z.dtype), states
+            out, states = self._evaluate_stack(z, injection, stack_inputs, cache, return_states)
+            out = out.to(z.dtype)
+            if keep is not None:
+                out = out * keep.to(out.dtype)
+            return out, states
 
         return fn
 
@@ -264,6 +304,7 @@ class ImplicitBackboneMixin:
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: ImplicitCache | None = None,
         use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -292,10 +333,11 @@ class ImplicitBackboneMixin:
             cache = self.make_cache()
         past_len = cache.get_seq_length() if cache is not None else 0
         mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
+        stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
         injection = self.injection(inputs_embeds) if self.config.implicit else None
 
         if self._solve_mode(seq_len, past_key_values) == "simultaneous":
-            fn = self._fixed_point_function(injection, mask, cache, return_states=cache is not None)
+            fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
             result = self._solve(fn, inputs_embeds)
             if cache is not None:
                 cache.commit(result.aux, seq_len)
@@ -305,9 +347,9 @@ class ImplicitBackboneMixin:
             cache = cache if cache is not None else self.make_cache()
             outputs, token_stats = [], []
             for t in range(seq_len):
-                token_mask = None if mask is None else mask[:, : past_len + t + 1]
                 token_injection = None if injection is None else injection[:, t : t + 1]
-                fn = self._fixed_point_function(token_injection, token_mask, cache, return_states=True)
+                token_inputs = stack_inputs.token(t, past_len)
+                fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
                 result = self._solve(fn, inputs_embeds[:, t : t + 1])
                 cache.commit(result.aux, 1)
                 outputs.append(result.z)
@@ -338,6 +380,7 @@ class ImplicitCausalLMMixin:
         past_key_values: ImplicitCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -350,13 +393,14 @@ class ImplicitCausalLMMixin:
             inputs_embeds=inputs_embeds,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            position_ids=position_ids,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep].to(self.lm_head.weight.dtype)).float()
+        logits = at_least_float32(self.lm_head(hidden[:, keep].to(self.lm_head.weight.dtype)))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .numerics import at_least_float32
+
 FixedPointFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 # Added to ||z|| in the relative residual; keeps an all-zero sample (pure padding, f(0) = 0) at residual 0.
@@ -105,10 +107,11 @@ def _batch_where(mask: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _residual(fz: torch.Tensor, z: torch.Tensor, stop_mode: str) -> torch.Tensor:
-    diff = (fz.float() - z.float()).flatten(1).norm(dim=1)
+    fz, z = at_least_float32(fz), at_least_float32(z)
+    diff = (fz - z).flatten(1).norm(dim=1)
     if stop_mode == "abs":
         return diff
-    return diff / (z.float().flatten(1).norm(dim=1) + _NORM_EPS)
+    return diff / (z.flatten(1).norm(dim=1) + _NORM_EPS)
 
 
 class _Anderson:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import modeling_implicit as mi  # noqa: E402
+import modeling_implicit as mi
 
 
 def tiny_mamba2_config(**overrides) -> mi.ImplicitMamba2Config:
@@ -40,6 +40,50 @@ def tiny_mamba2_config(**overrides) -> mi.ImplicitMamba2Config:
 def tiny_mamba2(seed: int = 0, **overrides) -> mi.ImplicitMamba2ForCausalLM:
     torch.manual_seed(seed)
     return mi.ImplicitMamba2ForCausalLM(tiny_mamba2_config(**overrides)).eval()
+
+
+def tiny_llama_config(**overrides) -> mi.ImplicitLlamaConfig:
+    """A 2-layer grouped-query model. Anderson by default: with small random residual branches the final norm leaves
+    the plain iteration barely contractive, and tests want tight tolerances."""
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        solver="anderson",
+        max_iterations=60,
+        eval_max_iterations=400,
+        tolerance=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    return mi.ImplicitLlamaConfig(**settings)
+
+
+def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> mi.ImplicitLlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = tiny_llama_config(**overrides)
+    return mi.ImplicitLlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+# Every model family runs the shared suite (tests/test_modeling_common.py).
+FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_model(family):
+    """Builds a tiny model of the family under test: `make_model(seed=0, **config_overrides)`."""
+    return FAMILIES[family]
 
 
 @pytest.fixture

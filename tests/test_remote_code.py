@@ -7,31 +7,31 @@ import sys
 import textwrap
 
 import torch
-from conftest import ROOT, tiny_mamba2
+from conftest import ROOT
 
 import modeling_implicit as mi
 
+SHARED_FILES = {"configuration_implicit.py", "modeling_implicit_utils.py", "numerics.py", "solver.py"}
 REMOTE_FILES = {
-    "configuration_implicit.py",
-    "configuration_implicit_mamba2.py",
-    "modeling_implicit_mamba2.py",
-    "modeling_implicit_utils.py",
-    "mamba2_ops.py",
-    "solver.py",
+    "mamba2": SHARED_FILES
+    | {"configuration_implicit_mamba2.py", "modeling_implicit_mamba2.py", "mamba2_ops.py"},
+    "llama": SHARED_FILES | {"configuration_implicit_llama.py", "modeling_implicit_llama.py"},
 }
 
 
-def test_save_writes_code_and_auto_map(tmp_path):
-    tiny_mamba2().save_pretrained(tmp_path)
-    assert REMOTE_FILES <= {p.name for p in tmp_path.iterdir()}
+def test_save_writes_code_and_auto_map(tmp_path, make_model, family):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    assert REMOTE_FILES[family] <= {p.name for p in tmp_path.iterdir()}
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "implicit_mamba2"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_implicit_mamba2.ImplicitMamba2ForCausalLM"
-    assert config["auto_map"]["AutoConfig"] == "configuration_implicit_mamba2.ImplicitMamba2Config"
+    name = type(model).__name__
+    assert config["model_type"] == f"implicit_{family}"
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_implicit_{family}.{name}"
+    assert config["auto_map"]["AutoConfig"] == f"configuration_implicit_{family}.{type(model.config).__name__}"
 
 
-def test_remote_code_loads_without_the_package(tmp_path):
-    model = tiny_mamba2()
+def test_remote_code_loads_without_the_package(tmp_path, make_model):
+    model = make_model()
     folder = tmp_path / "repo"
     model.save_pretrained(folder)
     tokens = torch.tensor([[5, 9, 13, 2, 40]])
@@ -58,13 +58,13 @@ def test_remote_code_loads_without_the_package(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE_OK ImplicitMamba2ForCausalLM" in result.stdout
+    assert f"REMOTE_OK {type(model).__name__}" in result.stdout
 
 
-def test_pipeline_text_generation(tmp_path, tiny_tokenizer):
+def test_pipeline_text_generation(tmp_path, tiny_tokenizer, make_model):
     from transformers import AutoModelForCausalLM, pipeline
 
-    model = tiny_mamba2(
+    model = make_model(
         vocab_size=len(tiny_tokenizer),
         pad_token_id=tiny_tokenizer.pad_token_id,
         bos_token_id=tiny_tokenizer.bos_token_id,
@@ -93,3 +93,4 @@ def test_modeling_folder_imports_nothing_from_the_repo():
         for forbidden in ("from conversion", "from eval", "import conversion", "import eval", "from ..", "from . import"):
             assert forbidden not in text, f"{path.name}: {forbidden}"
     assert mi.ImplicitMamba2ForCausalLM.__module__ == "modeling_implicit.modeling_implicit_mamba2"
+    assert mi.ImplicitLlamaForCausalLM.__module__ == "modeling_implicit.modeling_implicit_llama"

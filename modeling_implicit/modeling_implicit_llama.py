@@ -1,0 +1,361 @@
+"""Implicit Llama: a stack of Llama-3-style blocks iterated to a fixed point, as a transformers causal LM.
+
+f(z, x) = norm(blocks(z, u)), u = injection(RMSNorm(embed(x))) added to every block's query/key/value projections
+(`Attn(z W_qkv + x W_inp)`, before the rotary embedding). With `implicit=False` the same modules give the explicit
+Llama (weights and outputs interchangeable with transformers' `LlamaForCausalLM`).
+
+In sequential mode the keys/values of the token being solved are recomputed from every iterate and attended
+together with the committed past; only the converged keys/values are committed to the `ImplicitLlamaCache`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_implicit_llama import ImplicitLlamaConfig
+from .modeling_implicit_utils import (
+    ImplicitBackboneMixin,
+    ImplicitCache,
+    ImplicitCausalLMMixin,
+    InputInjection,
+    RMSNorm,
+    StackInputs,
+)
+from .numerics import at_least_float32
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+class LengthExtrapolationWarning(UserWarning):
+    """Positions beyond `max_position_embeddings`: the rotary embedding extrapolates past the trained context."""
+
+
+class ImplicitLlamaCache(ImplicitCache):
+    """Fixed-point key/value cache for sequential generation.
+
+    `states = (keys_0, values_0, keys_1, values_1, ...)`, one pair per layer, each `(batch, num_key_value_heads,
+    seq_len, head_dim)` in the model dtype, keys already rotated. While the solver iterates on new tokens their
+    keys/values are recomputed from each iterate and attended together with these; `commit` appends the converged
+    ones once. A token's entries depend only on itself and earlier tokens, so the cache can be cropped.
+    """
+
+    def _merge(self, new_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.states is None:
+            return new_states
+        return tuple(torch.cat([old, new], dim=2) for old, new in zip(self.states, new_states))
+
+    def layer(self, index: int) -> KeyValue | None:
+        """The committed `(keys, values)` of layer `index`, or None while the cache is empty."""
+        if self.states is None:
+            return None
+        return self.states[2 * index], self.states[2 * index + 1]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as for transformers' caches."
+            )
+        if tokens_to_remove == 0 or self.states is None:
+            return
+        keep = max(self.seen_tokens + tokens_to_remove, 0)
+        self.states = tuple(s[:, :, :keep] for s in self.states)
+        self.seen_tokens = keep
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+
+@dataclass
+class LlamaStackInputs(StackInputs):
+    """`StackInputs` plus the attention mask in the form the attention implementation takes (None: causal by
+    `is_causal` or nothing to mask) and the rotary `(cos, sin)` of the new tokens, `(batch or 1, seq_len, head_dim)`."""
+
+    attention_mask: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def token(self, index: int, past_len: int) -> LlamaStackInputs:
+        visible = past_len + index + 1
+        mask = self.attention_mask
+        if mask is not None:
+            mask = mask[:, :visible] if mask.dim() == 2 else mask[:, :, index : index + 1, :visible]
+        cos, sin = self.position_embeddings
+        return LlamaStackInputs(
+            padding_mask=None if self.padding_mask is None else self.padding_mask[:, index : index + 1],
+            attention_mask=mask,
+            position_embeddings=(cos[:, index : index + 1], sin[:, index : index + 1]),
+        )
+
+
+class ImplicitLlamaAttention(nn.Module):
+    """Grouped-query attention (transformers/Llama weight layout) that adds the injected input to its query/key/value
+    projections and attends to the committed keys/values without writing them."""
+
+    def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config  # the attention interface reads `config._attn_implementation`
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        query_width = config.num_attention_heads * self.head_dim
+        key_value_width = config.num_key_value_heads * self.head_dim
+        self.injection_split = (query_width, key_value_width, key_value_width)
+        self.q_proj = nn.Linear(config.hidden_size, query_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, key_value_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, key_value_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(query_width, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_value: KeyValue | None,
+    ) -> tuple[torch.Tensor, KeyValue]:
+        batch, seq_len, _ = hidden_states.shape
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if injection is not None:
+            injected_query, injected_key, injected_value = injection.split(self.injection_split, dim=-1)
+            query, key, value = query + injected_query, key + injected_key, value + injected_value
+        shape = (batch, seq_len, -1, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        new_key_value = (key, value)
+        if past_key_value is not None:
+            key = torch.cat([past_key_value[0], key], dim=2)
+            value = torch.cat([past_key_value[1], value], dim=2)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value
+
+
+class ImplicitLlamaDecoderLayer(nn.Module):
+    """Pre-norm block: `z + attn(norm(z), injection)`, then `z + mlp(norm(z))`."""
+
+    def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attn = ImplicitLlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_value: KeyValue | None,
+    ) -> tuple[torch.Tensor, KeyValue]:
+        dtype = self.input_layernorm.weight.dtype
+        residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
+        normed = self.input_layernorm(hidden_states.to(dtype))
+        attended, key_value = self.self_attn(normed, injection, position_embeddings, attention_mask, past_key_value)
+        hidden_states = residual + attended
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states.to(dtype)))
+        return hidden_states, key_value
+
+
+class ImplicitLlamaPreTrainedModel(PreTrainedModel):
+    config_class = ImplicitLlamaConfig
+    config: ImplicitLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["ImplicitLlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    supports_gradient_checkpointing = False
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InputInjection):
+            module.init_weights()
+
+
+class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
+    """Embeddings, the shared input injection, the Llama stack, its final norm and the rotary embedding, solved to a
+    fixed point. `forward(input_ids | inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)`
+    returns an `ImplicitModelOutput`; see `ImplicitBackboneMixin.forward` for the modes.
+
+    Positions default to `past + index` without padding and count only real tokens with left padding (the cumulative
+    sum of `attention_mask`), so a padded sequence sees the positions it would see alone.
+    """
+
+    def __init__(self, config: ImplicitLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.implicit:
+            self.injection = InputInjection(config.hidden_size, config.qkv_size, config.layer_norm_epsilon)
+        else:
+            self.injection = None
+        self.layers = nn.ModuleList(
+            [ImplicitLlamaDecoderLayer(config, index) for index in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embed_tokens = new_embeddings
+
+    def make_cache(self) -> ImplicitLlamaCache:
+        return ImplicitLlamaCache()
+
+    def _position_ids(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.LongTensor | None, batch: int, seq_len: int,
+        past_len: int, device: torch.device,
+    ) -> torch.LongTensor:
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids must have shape (batch={batch} or 1, seq_len={seq_len}); "
+                    f"got {tuple(position_ids.shape)}."
+                )
+            last_position = int(position_ids.max())
+        elif attention_mask is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=device)[None]
+            last_position = past_len + seq_len - 1
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            last_position = past_len + seq_len - 1  # an upper bound; exact only when it matters (no sync otherwise)
+            if last_position >= self.config.max_position_embeddings:
+                last_position = int(position_ids.max())
+        if last_position >= self.config.max_position_embeddings:
+            warnings.warn(
+                f"Positions beyond max_position_embeddings ({self.config.max_position_embeddings}): the rotary "
+                "embedding extrapolates past the context the model was trained on.",
+                LengthExtrapolationWarning,
+                stacklevel=4,
+            )
+        return position_ids
+
+    def _attention_mask(
+        self, attention_mask: torch.Tensor | None, seq_len: int, past_len: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """The causal + padding mask of the new tokens over all `past_len + seq_len` keys, in the form the attention
+        implementation takes: flash attention the 2D padding mask (causality by `is_causal`), sdpa a boolean mask
+        (None when its `is_causal` suffices), eager an additive float mask."""
+        implementation = self.config._attn_implementation
+        if "flash" in implementation:
+            return attention_mask
+        if attention_mask is None and (seq_len == 1 or (past_len == 0 and implementation == "sdpa")):
+            return None
+        query_positions = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
+        key_positions = torch.arange(past_len + seq_len, device=device)[None, :]
+        allowed = (key_positions <= query_positions)[None, None]
+        if attention_mask is not None:
+            # A padding query sees only itself: no row is fully masked (sdpa would return NaN), and its output is
+            # discarded anyway (padding positions of z are held at zero).
+            allowed = (allowed & attention_mask[:, None, None, :].bool()) | (key_positions == query_positions)
+        if implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def _prepare_stack_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        past_len: int,
+    ) -> LlamaStackInputs:
+        batch, seq_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        position_ids = self._position_ids(attention_mask, position_ids, batch, seq_len, past_len, device)
+        return LlamaStackInputs(
+            padding_mask=None if attention_mask is None else attention_mask[:, -seq_len:],
+            attention_mask=self._attention_mask(attention_mask, seq_len, past_len, inputs_embeds.dtype, device),
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+        )
+
+    def _evaluate_stack(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        stack_inputs: LlamaStackInputs,
+        cache: ImplicitLlamaCache | None,
+        return_states: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """One pass of the stack and the final norm; attends to the committed keys/values in `cache`, never writes
+        them, and returns the new tokens' keys/values when `return_states`."""
+        new_states: list[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            hidden_states, key_value = layer(
+                hidden_states,
+                injection,
+                stack_inputs.position_embeddings,
+                stack_inputs.attention_mask,
+                None if cache is None else cache.layer(index),
+            )
+            new_states.extend(key_value)
+        hidden_states = self.norm(hidden_states)
+        return hidden_states, tuple(new_states) if return_states else None
+
+
+class ImplicitLlamaForCausalLM(ImplicitCausalLMMixin, ImplicitLlamaPreTrainedModel, GenerationMixin):
+    """Implicit Llama language model. Full-sequence forwards are solved in simultaneous mode (or sequential, per
+    `config.inference_mode`); `generate()` prefills per `config.prefill_mode` and decodes token by token, iterating
+    each token (its keys/values included) to its fixed point against the committed `ImplicitLlamaCache`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ImplicitLlamaConfig):
+        super().__init__(config)
+        self.model = ImplicitLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.model.embed_tokens = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+
+__all__ = [
+    "ImplicitLlamaCache",
+    "ImplicitLlamaForCausalLM",
+    "ImplicitLlamaModel",
+    "ImplicitLlamaPreTrainedModel",
+    "LengthExtrapolationWarning",
+]
