@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints measured figures (and ratios against targets) for docs/BENCHMARKS.md."""

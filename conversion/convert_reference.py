@@ -1,0 +1,165 @@
+"""Convert a reference checkpoint (microsoft/implicit_languagemodels layout) into a verified Hub repo folder.
+
+    python -m conversion.convert_reference --src SRC --dst DST [--dtype float32|bfloat16|float16]
+        [--tokenizer DIR_OR_ID] [--max-shard-size 2GB] [--overwrite]
+    python -m conversion.convert_reference --preset mamba2-1.3b-implicit --random-init --dst DST
+
+SRC holds the reference's nested `config.json` and its weights (`model.safetensors`, `pytorch_model.bin`, or sharded
+with an index). Every source key is mapped (torchdeq weight normalisation folded into plain weights); unknown or
+missing keys and shape mismatches stop the conversion with the full list. DST is written next to its final place and
+renamed in only after the reloaded folder reproduced the source logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from model_cards import render_model_card, validate_model_card
+from modeling_implicit import ImplicitPretrainedConfig
+
+from .checkpoint_io import CheckpointReader
+from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model
+from .presets import PRESETS, preset_reference_config
+from .reference import ConversionError, config_from_reference, model_class, plan_conversion
+
+logger = logging.getLogger("conversion")
+
+
+def detect_preset(config: ImplicitPretrainedConfig) -> str | None:
+    """The preset whose converted config equals `config` (ignoring token ids), if any."""
+    def comparable(c: ImplicitPretrainedConfig) -> dict[str, Any]:
+        return {k: v for k, v in c.to_dict().items() if not k.endswith("token_id") and k != "transformers_version"}
+
+    target = comparable(config)
+    for name, reference in PRESETS.items():
+        if comparable(config_from_reference(reference)) == target:
+            return name
+    return None
+
+
+def _load_tokenizer(name: str | None):
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # offline, missing files, unknown id
+        raise ConversionError(f"Cannot load the tokenizer {name!r}: {error}") from error
+
+
+def _generation_config(source: Path | None, config: ImplicitPretrainedConfig) -> GenerationConfig:
+    if source is not None and (source / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(source)
+    else:
+        generation = GenerationConfig()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, name) is None and getattr(config, name) is not None:
+            setattr(generation, name, getattr(config, name))
+        if getattr(config, name) is None and getattr(generation, name) is not None:
+            setattr(config, name, getattr(generation, name))
+    return generation
+
+
+@torch.no_grad()
+def _check_tied_head(reader: CheckpointReader, reference: dict[str, Any]) -> None:
+    head, embedding = "criterion.decoder.weight", "word_emb.emb.weight"
+    shapes = reader.shapes
+    if reference.get("tie_embeddings", True) and head in shapes and embedding in shapes:
+        if shapes[head] != shapes[embedding] or not torch.equal(reader.read(head), reader.read(embedding)):
+            raise ConversionError(
+                f"tie_embeddings=True but {head} {shapes[head]} differs from {embedding} {shapes[embedding]}."
+            )
+
+
+def convert(args: argparse.Namespace) -> float:
+    dtype = check_dtype(args.dtype)
+    source = Path(args.src) if args.src else None
+    if args.preset:
+        reference = preset_reference_config(args.preset)
+    else:
+        config_file = source / "config.json"
+        if not config_file.is_file():
+            raise ConversionError(f"{config_file} not found (or pass --preset to name the configuration).")
+        reference = json.loads(config_file.read_text())
+    config = config_from_reference(reference)
+    preset = args.preset or detect_preset(config)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    generation = _generation_config(source, config)
+
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        model = model_class(config)._from_config(config, dtype=dtype)
+    else:
+        reader = CheckpointReader(source)
+        model = empty_model(config, dtype)
+        plan = plan_conversion(reference, reader.shapes, expected_shapes(model))
+        _check_tied_head(reader, reference)
+        fill_model(model, sorted(plan.sources), lambda name: plan.materialize(name, reader.read))
+    model.eval()
+
+    card = render_model_card(
+        config,
+        repo_id=args.repo_id or Path(args.dst).name,
+        preset=preset,
+        tokenizer=reference.get("tokenizer"),
+    )
+    validate_model_card(card)
+    parameters = sum(p.numel() for p in model.parameters())
+    difference = export_model(
+        model,
+        args.dst,
+        dtype=args.dtype,
+        card=card,
+        tokenizer=tokenizer,
+        generation_config=generation,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        tolerance=args.tolerance,
+    )
+    logger.info(
+        "Wrote %s: %s, %.1fM parameters, %s, preset %s; reloaded logits differ by at most %.3g",
+        args.dst, type(model).__name__, parameters / 1e6, args.dtype, preset, difference,
+    )
+    return difference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", help="reference checkpoint folder")
+    parser.add_argument("--dst", required=True, help="output Hub repo folder")
+    parser.add_argument("--preset", help=f"reference configuration by name: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--random-init", action="store_true", help="random weights for --preset (no --src)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id to include")
+    parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--repo-id", help="Hub id named in the model card (default: the DST folder name)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| after reload")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.random_init and (args.src or not args.preset):
+        parser.error("--random-init needs --preset and no --src")
+    if not args.random_init and not args.src:
+        parser.error("pass --src (or --preset NAME --random-init)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        convert(args)
+    except (ConversionError, FileExistsError, RuntimeError, ValueError) as error:
+        logger.error("error: %s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Writing a model as a complete Hub repo folder and verifying it through remote code."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from modeling_implicit import ImplicitPretrainedConfig
+
+from .checkpoint_io import atomic_output_dir
+from .reference import ConversionError, model_class
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Verification runs a fixed number of solver iterations on a few tokens: deterministic, cheap at any size, and every
+# weight takes part in every iteration.
+VERIFY_TOKENS = 8
+VERIFY_ITERATIONS = 4
+VERIFY_OVERRIDES = {"eval_max_iterations": VERIFY_ITERATIONS, "tolerance": 1e-30}
+
+
+class VerificationError(RuntimeError):
+    """The written folder, reloaded through remote code, does not reproduce the source logits."""
+
+
+def verification_tokens(vocab_size: int) -> torch.Tensor:
+    return (torch.arange(1, VERIFY_TOKENS + 1) * 7919 % vocab_size)[None]
+
+
+@contextlib.contextmanager
+def _config_overrides(config: ImplicitPretrainedConfig, overrides: dict[str, Any]) -> Iterator[None]:
+    saved = {name: getattr(config, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+@torch.no_grad()
+def verification_logits(model: torch.nn.Module) -> torch.Tensor:
+    """Logits of the fixed verification input, with the verification solver budget."""
+    was_training = model.training
+    model.eval()
+    with _config_overrides(model.config, VERIFY_OVERRIDES), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fixed budget of iterations never "converges" at tolerance 1e-30
+        logits = model(verification_tokens(model.config.vocab_size), use_cache=False).logits
+    model.train(was_training)
+    return logits.float()
+
+
+def empty_model(config: ImplicitPretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model for `config` with allocated but uninitialised weights (to be filled from a checkpoint)."""
+    with no_init_weights():
+        model = model_class(config)._from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped along with the initialisation
+    return model
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors a checkpoint must provide (the tied LM head is the embedding)."""
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+@torch.no_grad()
+def fill_model(model: torch.nn.Module, targets: list[str], produce: Callable[[str], torch.Tensor]) -> None:
+    """Copy `produce(name)` into each parameter/buffer `name`, one tensor at a time (peak memory: the model plus one
+    source tensor)."""
+    state = model.state_dict()
+    for name in tqdm(targets, desc="converting tensors", unit="tensor"):
+        tensor = produce(name)
+        state[name].copy_(tensor.to(state[name].dtype))
+
+
+def _reload_logits(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
+    """Reload `folder` in a fresh interpreter that cannot import this repository (so the saved remote code is what
+    runs) and return its verification logits."""
+    output = workdir / "reloaded.pt"
+    script = textwrap.dedent(
+        f"""
+        import warnings, torch
+        from transformers import AutoModelForCausalLM
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype=torch.{dtype},
+                                                     **{VERIFY_OVERRIDES!r}).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        tokens = (torch.arange(1, {VERIFY_TOKENS} + 1) * 7919 % model.config.vocab_size)[None]
+        with torch.no_grad():
+            torch.save(model(tokens, use_cache=False).logits.float(), {str(output)!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise VerificationError(f"Reloading {folder} with trust_remote_code failed:\n{result.stderr[-4000:]}")
+    return torch.load(output, weights_only=True)
+
+
+def export_model(
+    model: torch.nn.Module,
+    destination: str | os.PathLike,
+    *,
+    dtype: str,
+    card: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    generation_config: GenerationConfig | None = None,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+    tolerance: float = 1e-4,
+) -> float:
+    """Write `model` (already in `dtype`) as a Hub repo folder at `destination` and verify it.
+
+    The folder gets `config.json` with `auto_map`, sharded safetensors with their index, the remote-code files,
+    `generation_config.json`, tokenizer files (when given) and `README.md` (`card`). It is written next to
+    `destination` and renamed into place only after a fresh interpreter, loading it with
+    `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, reproduced `model`'s logits to `tolerance`
+    (max absolute difference). Returns that difference.
+
+    Once written, `model`'s weights are released (moved to the meta device), so the reload never coexists with a
+    second copy: peak memory stays near one model.
+    """
+    expected = verification_logits(model)
+    with atomic_output_dir(destination, overwrite) as staging, tempfile.TemporaryDirectory() as workdir:
+        if generation_config is not None:
+            model.generation_config = generation_config
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        model.to("meta")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(card)
+        reloaded = _reload_logits(staging, dtype, Path(workdir))
+        if reloaded.shape != expected.shape:
+            raise VerificationError(f"Reloaded logits have shape {tuple(reloaded.shape)}, expected {tuple(expected.shape)}")
+        difference = (reloaded - expected).abs().max().item()
+        logger.info("Verification: max |logit difference| after reload = %.3g", difference)
+        if not difference <= tolerance:
+            raise VerificationError(
+                f"Reloaded model differs from the source: max |logit difference| {difference:.3g} > {tolerance:g}; "
+                f"nothing was written to {destination}."
+            )
+    return difference
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype {name!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,460 @@
+"""The reference checkpoint layout (GitHub microsoft/implicit_languagemodels) and its mapping onto our models.
+
+A reference folder holds a nested `config.json` (`backbone_type`, `backbone_config` with `block_cfg`, `deq_params`
+with `solver`/`training`/`norm`, ...) and a state dict whose implicit models are weight-normalised by torchdeq: every
+Linear/Conv1d weight inside the backbone (the injection included) is stored as `weight_g` (norm over all dimensions
+but the first) and `weight_v`, and the effective weight is `v * g / ||v||` (`norm_no_scale`: `target_norm / ||v||`;
+`norm_clip`: the factor clipped at `clip_value`). Conversion folds that into plain weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from modeling_implicit import (
+    ImplicitLlamaConfig,
+    ImplicitLlamaForCausalLM,
+    ImplicitMamba2Config,
+    ImplicitMamba2ForCausalLM,
+    ImplicitPretrainedConfig,
+)
+
+# Mamba2 block_cfg keys we map, and keys whose only supported value is the reference default.
+_MAMBA2_BLOCK_FIELDS = {
+    "d_state": "state_size",
+    "d_conv": "conv_kernel",
+    "expand": "expand",
+    "headdim": "head_dim",
+    "ngroups": "n_groups",
+    "A_init_range": "A_init_range",
+    "dt_min": "time_step_min",
+    "dt_max": "time_step_max",
+    "dt_init_floor": "time_step_floor",
+    "dt_limit": "time_step_limit",
+    "bias": "use_bias",
+    "conv_bias": "use_conv_bias",
+    "chunk_size": "chunk_size",
+}
+_MAMBA2_FIXED = {
+    "d_ssm": None, "allow_negative_A_EV": False, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
+}
+_LLAMA_FIXED = {"apply_rotary": True, "rope_scaling": None}
+# Keys that only steer the reference's training loop or runtime, never the function the weights compute.
+_IGNORED_BLOCK_KEYS = {"conv_init", "dropout", "use_mem_eff_path", "use_materializing_scan", "layer_idx",
+                       "process_group", "sequence_parallel"}
+_IGNORED_BACKBONE_KEYS = {"dropout", "init_gain", "initializer_cfg", "pretrain_steps", "pretrain_iter", "ema_alpha",
+                          "init_z_mode", "do_weight_norm"}
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted faithfully; the message lists every offending field, key or shape."""
+
+
+def _require_reference_layout(reference: dict[str, Any]) -> None:
+    missing = [key for key in ("backbone_type", "backbone_config") if key not in reference]
+    if missing:
+        raise ConversionError(
+            f"config.json is not in the reference layout (missing {missing}); expected the nested config of "
+            "microsoft/implicit_languagemodels (backbone_type, backbone_config, deq_params, ...)."
+        )
+
+
+def family_of(reference: dict[str, Any]) -> str:
+    """`"mamba2"` or `"llama"` from a reference config."""
+    _require_reference_layout(reference)
+    block_type = reference["backbone_config"].get("block_type")
+    families = {"mamba2": "mamba2", "transformer": "llama"}
+    if block_type not in families:
+        raise ConversionError(f"backbone_config.block_type={block_type!r}: expected 'mamba2' or 'transformer'.")
+    return families[block_type]
+
+
+def uses_weight_norm(reference: dict[str, Any]) -> bool:
+    """Whether the checkpoint stores torchdeq weight-normalised weights (implicit backbones with weight_norm)."""
+    if reference["backbone_type"] == "explicit":
+        return False
+    norm = (reference.get("deq_params") or {}).get("norm", {})
+    norm_type = norm.get("norm_type", "weight_norm")
+    if norm_type not in ("weight_norm", "none", None):
+        raise ConversionError(f"deq_params.norm.norm_type={norm_type!r} is not supported (weight_norm or none).")
+    return norm_type == "weight_norm" and reference["backbone_config"].get("do_weight_norm", True)
+
+
+def _solver_fields(reference: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Our solver fields for the reference's `deq_params`; unsupported settings are appended to `problems`."""
+    deq = reference.get("deq_params") or {}
+    solver, training = deq.get("solver", {}), deq.get("training", {})
+    forward_solver = solver.get("f_solver", "fixed_point_iter")
+    solvers = {"fixed_point_iter": "picard", "anderson": "anderson"}
+    if forward_solver not in solvers:
+        problems.append(f"deq_params.solver.f_solver={forward_solver!r} (supported: {sorted(solvers)})")
+    if training.get("ift") or training.get("hook_ift"):
+        problems.append("deq_params.training.ift/hook_ift=True (only phantom gradients are supported)")
+    if (deq.get("regularization") or {}).get("jac_loss_weight", 0.0) > 0:
+        problems.append("deq_params.regularization.jac_loss_weight > 0 (Jacobian regularisation is not supported)")
+    max_iterations = int(solver.get("f_max_iter", 24))
+    eval_cap = int(solver.get("eval_f_max_iter", 0)) or int(max_iterations * float(solver.get("eval_factor", 4.0)))
+    return {
+        "max_iterations": max_iterations,
+        "eval_max_iterations": max(eval_cap, 1),
+        "tolerance": float(solver.get("f_tol", 0.05)),
+        "stop_mode": solver.get("f_stop_mode", "rel"),
+        "solver": solvers.get(forward_solver, "picard"),
+        # The reference damps its inference iterations and its phantom steps with the same `tau`.
+        "damping": float(training.get("tau", 0.8)),
+        "phantom_steps": int(training.get("grad", 4)),
+        "phantom_damping": float(training.get("tau", 0.8)),
+        "backward": "phantom",
+    }
+
+
+def _check_keys(section: str, given: dict[str, Any], known: Iterable[str], fixed: dict[str, Any]) -> list[str]:
+    problems = []
+    for key, value in given.items():
+        if key in fixed and value != fixed[key]:
+            problems.append(f"{section}.{key}={value!r} (only {fixed[key]!r} is supported)")
+        elif key not in known and key not in fixed and key not in _IGNORED_BLOCK_KEYS | _IGNORED_BACKBONE_KEYS:
+            problems.append(f"{section}.{key} (unknown field)")
+    return problems
+
+
+def config_from_reference(reference: dict[str, Any]) -> ImplicitPretrainedConfig:
+    """Our config for a reference `config.json` dict. Raises `ConversionError` listing every unsupported field."""
+    family = family_of(reference)
+    backbone = reference["backbone_config"]
+    block = dict(backbone.get("block_cfg") or {})
+    problems = _check_keys(
+        "backbone_config",
+        {k: v for k, v in backbone.items() if k != "block_cfg"},
+        {"block_type", "d_model", "n_layer", "d_inner", "pre_norm", "rms_norm", "norm_epsilon", "residual_in_fp32",
+         "mlp_type"},
+        {"pre_norm": True, "rms_norm": True},
+    )
+    d_model = backbone["d_model"]
+    if reference.get("d_embed") not in (None, d_model):
+        problems.append(f"d_embed={reference['d_embed']} differs from d_model={d_model} (embedding projection)")
+    if reference.get("head_bias"):
+        problems.append("head_bias=True (LM head with bias)")
+    vocab = int(reference.get("n_tokens", reference.get("vocab_size")))
+    multiple = int(reference.get("pad_vocab_size_multiple", 1))
+    if reference.get("pad_vocab") and vocab % multiple:
+        vocab += multiple - vocab % multiple  # the reference pads its embedding rows
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": d_model,
+        "num_hidden_layers": backbone["n_layer"],
+        "layer_norm_epsilon": backbone.get("norm_epsilon", 1e-5),
+        "residual_in_fp32": backbone.get("residual_in_fp32", True),
+        "tie_word_embeddings": bool(reference.get("tie_embeddings", True)),
+        "implicit": reference["backbone_type"] != "explicit",
+    }
+    if common["implicit"]:
+        common.update(_solver_fields(reference, problems))
+    if family == "mamba2":
+        problems += _check_keys("block_cfg", block, _MAMBA2_BLOCK_FIELDS, _MAMBA2_FIXED)
+        if backbone.get("d_inner", 0):
+            problems.append(f"backbone_config.d_inner={backbone['d_inner']} (Mamba2 blocks with an MLP)")
+        fields = {ours: block[theirs] for theirs, ours in _MAMBA2_BLOCK_FIELDS.items() if theirs in block}
+        if problems:
+            raise ConversionError("Cannot convert this reference config: " + "; ".join(problems))
+        return ImplicitMamba2Config(**common, **fields)
+    problems += _check_keys("block_cfg", block, {"n_head", "rope_theta", "max_seq_len", "bias"}, _LLAMA_FIXED)
+    if backbone.get("mlp_type", "llama_mlp") != "llama_mlp":
+        problems.append(f"backbone_config.mlp_type={backbone.get('mlp_type')!r} (only 'llama_mlp')")
+    if problems:
+        raise ConversionError("Cannot convert this reference config: " + "; ".join(problems))
+    return ImplicitLlamaConfig(
+        **common,
+        # The reference LlamaMLP keeps 2/3 of d_inner (multiple_of=1, no ffn_dim_multiplier).
+        intermediate_size=int(2 * backbone["d_inner"] / 3),
+        num_attention_heads=block["n_head"],
+        num_key_value_heads=block["n_head"],
+        max_position_embeddings=block.get("max_seq_len", 2048),
+        rope_parameters={"rope_type": "default", "rope_theta": float(block.get("rope_theta", 500000.0))},
+        attention_bias=bool(block.get("bias", False)),
+    )
+
+
+def model_class(config: ImplicitPretrainedConfig) -> type:
+    return ImplicitLlamaForCausalLM if isinstance(config, ImplicitLlamaConfig) else ImplicitMamba2ForCausalLM
+
+
+# (reference pattern, our template) per family; `{i}` is the layer index. Weight-normalised weights are matched on
+# their logical name (`...weight`), their `_g`/`_v` parts being grouped first.
+_COMMON_RULES = [
+    (r"backbone\.injection_norm\.weight", "{prefix}.injection.norm.weight"),
+    (r"backbone\.injection\.(weight|bias)", "{prefix}.injection.{0}"),
+]
+_RULES = {
+    "mamba2": [
+        (r"word_emb\.emb\.weight", "backbone.embeddings.weight"),
+        (r"backbone\.norm_f\.weight", "backbone.norm_f.weight"),
+        (r"backbone\.layers\.(\d+)\.norm\.weight", "backbone.layers.{0}.norm.weight"),
+        (r"backbone\.layers\.(\d+)\.mixer\.(in_proj|conv1d|out_proj)\.(weight|bias)",
+         "backbone.layers.{0}.mixer.{1}.{2}"),
+        (r"backbone\.layers\.(\d+)\.mixer\.(dt_bias|A_log|D|norm\.weight)", "backbone.layers.{0}.mixer.{1}"),
+    ],
+    "llama": [
+        (r"word_emb\.emb\.weight", "model.embed_tokens.weight"),
+        (r"backbone\.norm_f\.weight", "model.norm.weight"),
+        (r"backbone\.layers\.(\d+)\.norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+        (r"backbone\.layers\.(\d+)\.norm2\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+        (r"backbone\.layers\.(\d+)\.mixer\.wq\.(weight|bias)", "model.layers.{0}.self_attn.q_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mixer\.wk\.(weight|bias)", "model.layers.{0}.self_attn.k_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mixer\.wv\.(weight|bias)", "model.layers.{0}.self_attn.v_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mixer\.out_proj\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mlp\.w1\.(weight|bias)", "model.layers.{0}.mlp.gate_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mlp\.w3\.(weight|bias)", "model.layers.{0}.mlp.up_proj.{1}"),
+        (r"backbone\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "model.layers.{0}.mlp.down_proj.{1}"),
+    ],
+}
+_PREFIX = {"mamba2": "backbone", "llama": "model"}
+_HEAD = "criterion.decoder.weight"
+# Buffers the reference may save that our model recomputes (rotary frequencies).
+_DERIVED = re.compile(r".*rotary_emb\.(inv_freq|original_inv_freq)")
+
+
+def _compile_rules(family: str) -> list[tuple[re.Pattern, str]]:
+    rules = [(p, t.replace("{prefix}", _PREFIX[family])) for p, t in _COMMON_RULES] + _RULES[family]
+    return [(re.compile(pattern + r"$"), template) for pattern, template in rules]
+
+
+def _target_name(rules: list[tuple[re.Pattern, str]], logical: str) -> str | None:
+    for pattern, template in rules:
+        match = pattern.match(logical)
+        if match:
+            return template.format(*match.groups())
+    return None
+
+
+@dataclass
+class SourceTensor:
+    """How to produce one of our tensors from the source: a plain key, or the `_g`/`_v` pair of a weight."""
+
+    key: str | None = None
+    magnitude: str | None = None
+    direction: str | None = None
+
+    @property
+    def source_keys(self) -> list[str]:
+        return [k for k in (self.key, self.magnitude, self.direction) if k is not None]
+
+
+@dataclass
+class WeightNormSettings:
+    learn_scale: bool = True
+    target_norm: float = 1.0
+    clip: bool = False
+    clip_value: float = 1.0
+
+    @classmethod
+    def from_reference(cls, reference: dict[str, Any]) -> WeightNormSettings:
+        norm = (reference.get("deq_params") or {}).get("norm", {})
+        return cls(
+            learn_scale=not norm.get("norm_no_scale", False),
+            target_norm=float(norm.get("norm_target_norm", 1.0)),
+            clip=bool(norm.get("norm_clip", False)),
+            clip_value=float(norm.get("norm_clip_val", norm.get("norm_clip_value", 1.0))),
+        )
+
+
+def fold_weight_norm(
+    direction: torch.Tensor, magnitude: torch.Tensor | None, settings: WeightNormSettings
+) -> torch.Tensor:
+    """The effective weight `v * g / ||v||` (norm over all dimensions but the first), computed in float64."""
+    v = direction.double()
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    if settings.learn_scale:
+        if magnitude is None:
+            raise ConversionError("weight-normalised weight without its magnitude `_g`")
+        factor = magnitude.double().view_as(norm) / norm
+    else:
+        factor = settings.target_norm / norm
+    if settings.clip:
+        factor = factor.clamp(max=settings.clip_value)
+    return v * factor
+
+
+@dataclass
+class ConversionPlan:
+    """Every target tensor of our model and where it comes from, checked against the model's expected shapes."""
+
+    sources: dict[str, SourceTensor]
+    weight_norm: WeightNormSettings
+
+    def materialize(self, target: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        source = self.sources[target]
+        if source.key is not None:
+            return read(source.key)
+        magnitude = read(source.magnitude) if source.magnitude is not None else None
+        return fold_weight_norm(read(source.direction), magnitude, self.weight_norm)
+
+
+def plan_conversion(
+    reference: dict[str, Any],
+    source_shapes: dict[str, tuple[int, ...]],
+    expected_shapes: dict[str, tuple[int, ...]],
+) -> ConversionPlan:
+    """Map every source key onto our state dict. Raises `ConversionError` listing every unknown source key, every
+    target key no source provides and every shape mismatch (with both shapes)."""
+    family = family_of(reference)
+    rules = _compile_rules(family)
+    tied = bool(reference.get("tie_embeddings", True))
+    sources: dict[str, SourceTensor] = {}
+    origin: dict[str, str] = {}
+    unknown, problems = [], []
+    for key in sorted(source_shapes):
+        if _DERIVED.match(key) or (key == _HEAD and tied):
+            continue  # recomputed by our model / the tied head is the embedding
+        if key == _HEAD:
+            target = "lm_head.weight"
+            sources[target] = SourceTensor(key=key)
+            origin[target] = key
+            continue
+        logical, part = key, None
+        if key.endswith((".weight_g", ".weight_v")):
+            logical, part = key[: -len("_g")], key[-1]
+        target = _target_name(rules, logical)
+        if target is None:
+            unknown.append(f"{key} {tuple(source_shapes[key])}")
+            continue
+        source = sources.setdefault(target, SourceTensor())
+        if part == "g":
+            source.magnitude = key
+        elif part == "v":
+            source.direction = key
+        else:
+            source.key = key
+        origin[target] = logical
+    if unknown:
+        problems.append("unknown source keys: " + ", ".join(unknown))
+    for target, source in sources.items():
+        if source.key is not None and (source.direction or source.magnitude):
+            problems.append(f"{origin[target]}: both a plain weight and weight_g/weight_v")
+        elif source.key is None and source.direction is None:
+            problems.append(f"{origin[target]}: weight_g without weight_v")
+        shape = tuple(source_shapes[source.key or source.direction])
+        if target not in expected_shapes:
+            problems.append(f"{origin[target]} -> {target}: not a parameter of the {family} model")
+        elif shape != tuple(expected_shapes[target]):
+            problems.append(
+                f"shape mismatch for {origin[target]} -> {target}: source {shape}, expected {tuple(expected_shapes[target])}"
+            )
+    weight_norm = WeightNormSettings.from_reference(reference)
+    for target, source in sources.items():
+        if source.direction is not None and source.magnitude is None and weight_norm.learn_scale:
+            problems.append(f"{origin[target]}: weight_v without weight_g")
+    missing = sorted(set(expected_shapes) - set(sources))
+    if missing:
+        problems.append("missing from the source: " + ", ".join(f"{k} {tuple(expected_shapes[k])}" for k in missing))
+    if problems:
+        raise ConversionError("The checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return ConversionPlan(sources, weight_norm)
+
+
+def reference_state_dict(
+    model: torch.nn.Module, reference: dict[str, Any], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The reference-layout state dict of `model`'s weights (used by tests and benchmarks to make checkpoints).
+
+    Weight-normalised weights are written as a direction `v = w * c` with a random positive row scale `c` and the
+    magnitude `g = ||w||`, so folding them back is a real computation, not a copy.
+    """
+    family = family_of(reference)
+    generator = torch.Generator().manual_seed(seed)
+    normalised = uses_weight_norm(reference)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            state[_HEAD] = tensor.clone()
+            continue
+        reference_name = _reference_name(family, name)
+        if reference_name is None:
+            raise ConversionError(f"no reference name for {name}")
+        # torchdeq normalises the Linear/Conv1d weights of the backbone: every matrix/kernel but the embedding.
+        if normalised and tensor.dim() >= 2 and reference_name.startswith("backbone."):
+            scale = torch.rand(tensor.shape[0], *([1] * (tensor.dim() - 1)), generator=generator) + 0.5
+            state[reference_name + "_v"] = (tensor.double() * scale).to(tensor.dtype)
+            state[reference_name + "_g"] = tensor.double().flatten(1).norm(dim=1).view_as(scale).to(tensor.dtype)
+        else:
+            state[reference_name] = tensor.clone()
+    return state
+
+
+_REVERSE = {
+    "mamba2": [
+        (r"backbone\.embeddings\.weight", "word_emb.emb.weight"),
+        (r"backbone\.norm_f\.weight", "backbone.norm_f.weight"),
+        (r"backbone\.injection\.norm\.weight", "backbone.injection_norm.weight"),
+        (r"backbone\.injection\.(weight|bias)", "backbone.injection.{0}"),
+        (r"backbone\.layers\.(\d+)\.(.+)", "backbone.layers.{0}.{1}"),
+    ],
+    "llama": [
+        (r"model\.embed_tokens\.weight", "word_emb.emb.weight"),
+        (r"model\.norm\.weight", "backbone.norm_f.weight"),
+        (r"model\.injection\.norm\.weight", "backbone.injection_norm.weight"),
+        (r"model\.injection\.(weight|bias)", "backbone.injection.{0}"),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", "backbone.layers.{0}.norm.weight"),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "backbone.layers.{0}.norm2.weight"),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "backbone.layers.{0}.mixer.wq.{1}"),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "backbone.layers.{0}.mixer.wk.{1}"),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "backbone.layers.{0}.mixer.wv.{1}"),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "backbone.layers.{0}.mixer.out_proj.{1}"),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", "backbone.layers.{0}.mlp.w1.{1}"),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", "backbone.layers.{0}.mlp.w3.{1}"),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", "backbone.layers.{0}.mlp.fc2.{1}"),
+    ],
+}
+
+
+def _reference_name(family: str, name: str) -> str | None:
+    for pattern, template in _REVERSE[family]:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return template.format(*match.groups())
+    return None
+
+
+def write_reference_checkpoint(
+    reference: dict[str, Any],
+    folder: str | os.PathLike,
+    *,
+    seed: int = 0,
+    file_format: str = "safetensors",
+    shards: int = 1,
+) -> torch.nn.Module:
+    """Write a random-weight checkpoint in the reference layout (nested `config.json`, weight-normalised tensors)
+    to `folder`, for tests and benchmarks. Returns our model holding the same (effective) weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config_from_reference(reference)
+    torch.manual_seed(seed)
+    model = model_class(config)(config).eval()
+    state = reference_state_dict(model, reference, seed=seed)
+    (folder / "config.json").write_text(json.dumps(reference, indent=2))
+    names = sorted(state)
+    groups = [names[i::shards] for i in range(shards)]
+    suffix = "safetensors" if file_format == "safetensors" else "bin"
+    stem = "model" if file_format == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for index, group in enumerate(groups):
+        file = f"{stem}.{suffix}" if shards == 1 else f"{stem}-{index + 1:05d}-of-{shards:05d}.{suffix}"
+        tensors = {name: state.pop(name).contiguous() for name in group}
+        if file_format == "safetensors":
+            save_file(tensors, folder / file)
+        else:
+            torch.save(tensors, folder / file)
+        weight_map.update(dict.fromkeys(group, file))
+    if shards > 1:
+        index_file = f"{stem}.{suffix}.index.json"
+        (folder / index_file).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return model
