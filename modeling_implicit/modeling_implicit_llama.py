@@ -339,18 +339,6 @@ class ImplicitLlamaForCausalLM(ImplicitCausalLMMixin, ImplicitLlamaPreTrainedMod
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.model.embed_tokens = new_embeddings
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
 
 __all__ = [
     "ImplicitLlamaCache",

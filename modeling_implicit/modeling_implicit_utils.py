@@ -372,6 +372,18 @@ class ImplicitCausalLMMixin:
 
     _is_stateful = True  # no assisted decoding: recurrent states cannot be rolled back
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.base_model.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
