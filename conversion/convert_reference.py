@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from model_cards import render_model_card, validate_model_card
 from modeling_implicit import ImplicitPretrainedConfig
 
 from .checkpoint_io import CheckpointReader
-from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model
+from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
 from .presets import PRESETS, preset_reference_config
 from .reference import ConversionError, config_from_reference, model_class, plan_conversion
 
@@ -43,15 +43,6 @@ def detect_preset(config: ImplicitPretrainedConfig) -> str | None:
         if comparable(config_from_reference(reference)) == target:
             return name
     return None
-
-
-def _load_tokenizer(name: str | None):
-    if name is None:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as error:  # offline, missing files, unknown id
-        raise ConversionError(f"Cannot load the tokenizer {name!r}: {error}") from error
 
 
 def _generation_config(source: Path | None, config: ImplicitPretrainedConfig) -> GenerationConfig:
@@ -90,7 +81,7 @@ def convert(args: argparse.Namespace) -> float:
         reference = json.loads(config_file.read_text())
     config = config_from_reference(reference)
     preset = args.preset or detect_preset(config)
-    tokenizer = _load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     generation = _generation_config(source, config)
 
     if args.random_init:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from modeling_implicit import ImplicitPretrainedConfig
@@ -161,6 +161,16 @@ def export_model(
                 f"nothing was written to {destination}."
             )
     return difference
+
+
+def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer to ship with a repo (a folder or Hub id), or None; failures name the tokenizer."""
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # offline, missing files, unknown id
+        raise ConversionError(f"Cannot load the tokenizer {name!r}: {error}") from error
 
 
 def check_dtype(name: str) -> torch.dtype:

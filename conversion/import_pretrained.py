@@ -28,7 +28,7 @@ from model_cards import render_model_card, validate_model_card
 from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
 
 from .checkpoint_io import CheckpointReader
-from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model
+from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
 from .reference import ConversionError
 
 logger = logging.getLogger("conversion")
@@ -122,6 +122,7 @@ def import_pretrained(args: argparse.Namespace) -> float:
     if not config_file.is_file():
         raise ConversionError(f"{config_file} not found")
     config, layout = _source_config(_read_config(config_file), implicit=args.implicit)
+    tokenizer = load_tokenizer(args.tokenizer)  # before the heavy work, so a bad name fails fast
     reader = CheckpointReader(source)
     model = empty_model(config, dtype)
     expected = expected_shapes(model)
@@ -154,14 +155,6 @@ def import_pretrained(args: argparse.Namespace) -> float:
 
     card = render_model_card(config, repo_id=args.repo_id or Path(args.dst).name, base_model=args.base_model)
     validate_model_card(card)
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except Exception as error:
-            raise ConversionError(f"Cannot load the tokenizer {args.tokenizer!r}: {error}") from error
     difference = export_model(
         model, args.dst, dtype=args.dtype, card=card, tokenizer=tokenizer,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, tolerance=args.tolerance,
