@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import modeling_implicit as mi
+import modeling_implicit as mi  # noqa: E402  (after the path and offline setup)
 
 
 def tiny_mamba2_config(**overrides) -> mi.ImplicitMamba2Config:
@@ -71,6 +71,16 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
     return mi.ImplicitLlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """The tests' models are tiny: each op takes microseconds, and a second intra-op thread costs more in
+    synchronisation than it saves (on a loaded 2-core machine, milliseconds per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Every model family runs the shared suite (tests/test_modeling_common.py).
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 
@@ -87,8 +97,13 @@ def make_model(family):
 
 
 @pytest.fixture
-def tiny_tokenizer(tmp_path):
+def tiny_tokenizer():
     """A byte-level BPE tokenizer trained on a few sentences, wrapped as a transformers fast tokenizer."""
+    return build_tokenizer()
+
+
+def build_tokenizer():
+    """The `tiny_tokenizer` fixture's tokenizer, for session-scoped fixtures."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,3 +125,24 @@ def tiny_tokenizer(tmp_path):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    """Hub-layout folders (config with auto_map, safetensors, remote code, tokenizer) of a tiny random implicit model
+    of each family, with the tokenizer's vocabulary; built once per test session. Treat them as read-only."""
+    tokenizer = build_tokenizer()
+    folders = {}
+    for name, build in FAMILIES.items():
+        model = build(seed=0, vocab_size=len(tokenizer), eval_max_iterations=100, tolerance=1e-5)
+        folder = tmp_path_factory.mktemp(f"saved-{name}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture
+def saved_model(saved_models, family) -> Path:
+    """The saved tiny model of the family under test (see `saved_models`)."""
+    return saved_models[family]

@@ -86,7 +86,10 @@ def test_unknown_missing_and_misshaped_keys_are_all_listed(tmp_path):
     message = str(error.value)
     assert "unknown source keys: backbone.layers.0.mixer.surprise (3,)" in message
     assert "missing from the source: backbone.layers.1.mixer.A_log (8,)" in message
-    assert "shape mismatch for backbone.layers.0.mixer.D -> backbone.layers.0.mixer.D: source (7,), expected (8,)" in message
+    assert (
+        "shape mismatch for backbone.layers.0.mixer.D -> backbone.layers.0.mixer.D: source (7,), expected (8,)"
+        in message
+    )
     assert not (tmp_path / "dst").exists()
 
 
@@ -180,7 +183,9 @@ def test_preset_parameter_counts_match_the_paper(name):
 
 
 def test_random_init_from_a_preset_writes_a_complete_repo(tmp_path):
-    run_convert("--preset", "llama-130m-pretrain", "--random-init", "--dst", str(tmp_path / "repo"), "--dtype", "bfloat16")
+    run_convert(
+        "--preset", "llama-130m-pretrain", "--random-init", "--dst", str(tmp_path / "repo"), "--dtype", "bfloat16"
+    )
     config = json.loads((tmp_path / "repo" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["num_attention_heads"] == 12 and config["max_iterations"] == 4
     card = (tmp_path / "repo" / "README.md").read_text()

@@ -113,7 +113,8 @@ def test_phantom_gradient_is_the_truncated_neumann_series():
     bias = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(1, 3, dtype=torch.float64)
     for k in (1, 3, 10):
-        result = solve_fixed_point(linear_map(weight, bias), torch.zeros(1, 3, dtype=torch.float64), settings(phantom_steps=k))
+        z0 = torch.zeros(1, 3, dtype=torch.float64)
+        result = solve_fixed_point(linear_map(weight, bias), z0, settings(phantom_steps=k))
         (grad,) = torch.autograd.grad((result.z * g).sum(), bias)
         series = sum(torch.linalg.matrix_power(weight, i) for i in range(k))
         torch.testing.assert_close(grad, g @ series, atol=1e-10, rtol=1e-10)

@@ -1,0 +1,187 @@
+"""`python -m eval.harness`: lm-eval on the tiny saved models over the offline local tasks (every request type)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, build_tokenizer
+
+pytest.importorskip("lm_eval")
+
+from eval.harness import LOCAL_TASKS, LOCAL_TASKS_DIR, PAPER_TASKS, expand_task_names, main  # noqa: E402
+
+CAP = 6  # --eval-max-iterations in these tests: the random models need more, so the cap is reached
+pytestmark = pytest.mark.filterwarnings("ignore:Fixed-point solver did not converge")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def explicit_model(tmp_path_factory):
+    """A tiny transformers `LlamaForCausalLM` (not ours) with the test tokenizer: the baseline case."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("explicit-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(tmp_path, model, *options: str) -> dict:
+    output = tmp_path / "results.json"
+    payload = main(["--model", str(model), "--bootstrap-iters", "0", "--output", str(output), *options])
+    assert json.loads(output.read_text()) == payload
+    return payload
+
+
+def check_metrics(tasks: dict, names: tuple[str, ...], limit: int) -> None:
+    for name in names:
+        assert tasks[name]["samples"]["effective"] == limit
+    assert 0 <= tasks["implicit_local_choice"]["metrics"]["acc"] <= 1
+    assert 0 <= tasks["implicit_local_choice"]["metrics"]["acc_norm"] <= 1
+    assert 0 <= tasks["implicit_local_lastword"]["metrics"]["acc"] <= 1
+    assert tasks["implicit_local_lastword"]["metrics"]["perplexity"] > 1
+    word_perplexity = tasks["implicit_local_text"]["metrics"]["word_perplexity"]
+    assert math.isfinite(word_perplexity) and word_perplexity > 1
+    assert 0 <= tasks["implicit_local_continue"]["metrics"]["exact_match"] <= 1
+
+
+def test_task_aliases():
+    assert expand_task_names("paper") == list(PAPER_TASKS)
+    assert expand_task_names("local, piqa,local") == [*LOCAL_TASKS, "piqa"]
+
+
+def test_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "--tasks" in result.stdout and "--eval-max-iterations" in result.stdout and "lambada_openai" in result.stdout
+
+
+def test_local_tasks(saved_model, tmp_path, monkeypatch):
+    """All four request types with a solver override: metrics, and per-task statistics within the cap (generation
+    adds per-token statistics for its sequential decoding steps). Runs from another directory."""
+    monkeypatch.chdir(tmp_path)
+    options = ["--tasks", "local", "--limit", "2", "--batch-size", "2", "--eval-max-iterations", str(CAP)]
+    payload = run(tmp_path, saved_model, *options)
+    metadata, tasks = payload["metadata"], payload["tasks"]
+    assert metadata["tasks"] == list(LOCAL_TASKS)
+    assert metadata["model"]["implicit"] and metadata["model"]["solver"]["eval_max_iterations"] == CAP
+    check_metrics(tasks, LOCAL_TASKS, limit=2)
+    for name in LOCAL_TASKS:
+        stats = tasks[name]["solver_stats"]["per_sequence"]
+        assert stats["count"] >= 2 and 1 <= stats["iterations_mean"] and stats["iterations_max"] <= CAP
+    assert tasks["implicit_local_choice"]["solver_stats"]["per_token"] is None
+    per_token = tasks["implicit_local_continue"]["solver_stats"]["per_token"]
+    assert per_token["count"] >= 2 and 1 <= per_token["iterations_max"] <= CAP
+
+
+def test_sequential_mode(saved_model, tmp_path):
+    """`--inference-mode sequential` reaches the config: loglikelihoods solve token by token."""
+    options = ["--tasks", "implicit_local_lastword", "--limit", "1", "--eval-max-iterations", str(CAP)]
+    payload = run(tmp_path, saved_model, *options, "--inference-mode", "sequential")
+    assert payload["metadata"]["model"]["solver"]["inference_mode"] == "sequential"
+    stats = payload["tasks"]["implicit_local_lastword"]["solver_stats"]
+    assert stats["per_sequence"] is None
+    assert stats["per_token"]["count"] > 1 and 1 <= stats["per_token"]["iterations_max"] <= CAP
+
+
+def test_group(saved_models, tmp_path):
+    """A group runs in one call: its subtasks' metrics, the statistics on the group's entry."""
+    options = ["--tasks", "implicit_local", "--limit", "1", "--eval-max-iterations", str(CAP)]
+    tasks = run(tmp_path, saved_models["mamba2"], *options)["tasks"]
+    assert tasks["implicit_local"]["subtasks"] == list(LOCAL_TASKS)
+    assert tasks["implicit_local"]["solver_stats"]["per_sequence"]["count"] >= len(LOCAL_TASKS)
+    assert all("solver_stats" not in tasks[name] for name in LOCAL_TASKS)
+
+
+def test_include_path_tag(saved_models, tmp_path):
+    """A user's task folder: a task deriving from a local one, run through its tag (statistics on the tag's entry)."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "extra.yaml").write_text(
+        f"include: {LOCAL_TASKS_DIR / 'implicit_local_choice.yaml'}\ntask: extra_choice\ntag: extra_tag\n"
+    )
+    options = ["--tasks", "extra_tag", "--include-path", str(folder), "--limit", "2", "--eval-max-iterations", str(CAP)]
+    tasks = run(tmp_path, saved_models["llama"], *options)["tasks"]
+    assert 0 <= tasks["extra_choice"]["metrics"]["acc"] <= 1
+    assert tasks["extra_tag"]["subtasks"] == ["extra_choice"]
+    assert tasks["extra_tag"]["solver_stats"]["per_sequence"]["count"] == 4  # 2 examples x 2 choices
+
+
+def test_explicit_baseline(explicit_model, tmp_path):
+    payload = run(tmp_path, explicit_model, "--tasks", "local", "--limit", "2")
+    model = payload["metadata"]["model"]
+    assert model["model_type"] == "llama" and not model["implicit"] and "solver" not in model
+    check_metrics(payload["tasks"], LOCAL_TASKS, limit=2)
+    assert all("solver_stats" not in entry for entry in payload["tasks"].values())
+
+
+def exit_message(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_task(saved_models, capsys):
+    error = exit_message(capsys, ["--model", str(saved_models["llama"]), "--tasks", "implicit_local_choise,hellaswg"])
+    assert "Unknown tasks 'implicit_local_choise' (did you mean implicit_local_choice" in error
+    assert "'hellaswg' (did you mean hellaswag" in error
+    assert "Local tasks: " + ", ".join(LOCAL_TASKS) in error and "Traceback" not in error
+
+
+def test_bad_model(explicit_model, tmp_path, capsys):
+    error = exit_message(capsys, ["--model", str(tmp_path / "missing"), "--tasks", "local"])
+    assert "does not exist" in error
+    error = exit_message(capsys, ["--model", str(explicit_model), "--tasks", "local", "--eval-max-iterations", "4"])
+    assert "'llama' model, not an implicit one" in error and "eval_max_iterations" in error
+
+
+def test_bad_tasks(saved_models, capsys):
+    model = str(saved_models["mamba2"])
+    error = exit_message(capsys, ["--model", model, "--tasks", "local,implicit_local"])
+    assert (
+        "Task 'implicit_local_choice' is requested twice, by 'implicit_local_choice' and by 'implicit_local'" in error
+    )
+    error = exit_message(capsys, ["--model", model, "--tasks", "local", "--include-path", "nowhere"])
+    assert "--include-path nowhere is not a folder" in error
+    assert "--tasks ' , ' names no task" in exit_message(capsys, ["--model", model, "--tasks", " , "])
+
+
+def test_generation_respects_the_task_limit(saved_models, tmp_path):
+    """A `max_new_tokens` in the model's generation config must not override the task's `max_gen_toks` (8)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_models["mamba2"], folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 40}))
+    options = ["--tasks", "implicit_local_continue", "--limit", "2", "--batch-size", "1", "--eval-max-iterations", "3"]
+    payload = run(tmp_path, folder, *options)
+    # One prefill per request, then at most 8 - 1 single-token decoding steps.
+    assert payload["tasks"]["implicit_local_continue"]["solver_stats"]["per_token"]["count"] <= 2 * 7
