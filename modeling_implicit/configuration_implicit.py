@@ -123,7 +123,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         _require(0 < self.damping <= 1, "damping", self.damping, "in (0, 1]")
         _require(self.solver in SOLVERS, "solver", self.solver, f"one of {SOLVERS}")
         _require(
-            isinstance(self.phantom_steps, int) and self.phantom_steps >= 1,
+            _positive_int(self.phantom_steps),
             "phantom_steps",
             self.phantom_steps,
             "an integer >= 1",

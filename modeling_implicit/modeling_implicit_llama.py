@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -30,6 +31,7 @@ from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
+    ImplicitCheckpointingMixin,
     InputInjection,
     RMSNorm,
     StackInputs,
@@ -158,7 +160,7 @@ class ImplicitLlamaAttention(nn.Module):
         return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value
 
 
-class ImplicitLlamaDecoderLayer(nn.Module):
+class ImplicitLlamaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: `z + attn(norm(z), injection)`, then `z + mlp(norm(z))`."""
 
     def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
@@ -186,14 +188,14 @@ class ImplicitLlamaDecoderLayer(nn.Module):
         return hidden_states, key_value
 
 
-class ImplicitLlamaPreTrainedModel(PreTrainedModel):
+class ImplicitLlamaPreTrainedModel(ImplicitCheckpointingMixin, PreTrainedModel):
     config_class = ImplicitLlamaConfig
     config: ImplicitLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["ImplicitLlamaDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _is_stateful = True
 
     @torch.no_grad()

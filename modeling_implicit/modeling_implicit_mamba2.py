@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .mamba2_ops import causal_conv1d_silu, gated_rms_norm, ssd_chunk_scan, ssd_step
@@ -20,6 +21,7 @@ from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
+    ImplicitCheckpointingMixin,
     InputInjection,
     RMSNorm,
     StackInputs,
@@ -146,7 +148,7 @@ class ImplicitMamba2Mixer(nn.Module):
         return out, (new_conv_state, new_ssm_state)
 
 
-class ImplicitMamba2Block(nn.Module):
+class ImplicitMamba2Block(GradientCheckpointingLayer):
     """Pre-norm residual block: `z + mixer(norm(z), injection)`."""
 
     def __init__(self, config: ImplicitMamba2Config):
@@ -170,12 +172,12 @@ class ImplicitMamba2Block(nn.Module):
         return residual + mixed, states
 
 
-class ImplicitMamba2PreTrainedModel(PreTrainedModel):
+class ImplicitMamba2PreTrainedModel(ImplicitCheckpointingMixin, PreTrainedModel):
     config_class = ImplicitMamba2Config
     config: ImplicitMamba2Config
     base_model_prefix = "backbone"
     _no_split_modules = ["ImplicitMamba2Block"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _is_stateful = True
 
     @torch.no_grad()

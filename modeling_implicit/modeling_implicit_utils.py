@@ -10,11 +10,15 @@ solver, padding, committing states, statistics, warnings, validation) lives here
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
@@ -42,25 +46,58 @@ class RMSNorm(nn.Module):
         return self.weight * hidden_states.to(dtype)
 
 
-class InputInjection(nn.Linear):
+class InputInjection(nn.Module):
     """The input injection shared by all layers: `Linear(RMSNorm(embeddings))` (weight, bias and `norm.weight`),
     added to every layer's input projection.
 
     Initialised with std `hidden_size ** -0.5` (see `init_weights`): the injected input then dominates the projection
     of `z`, so a freshly initialised model is a contraction and the solver converges from the first step.
+
+    Not an `nn.Linear` subclass: tools that treat every `nn.Linear` as `x @ W.T + b` of its input (PEFT's LoRA and
+    `target_modules="all-linear"`, quantizers that swap Linear modules) would bypass or drop the norm.
     """
 
     def __init__(self, hidden_size: int, out_features: int, eps: float):
-        super().__init__(hidden_size, out_features, bias=True)
+        super().__init__()
+        self.in_features = hidden_size
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, hidden_size))
+        self.bias = nn.Parameter(torch.empty(out_features))
         self.norm = RMSNorm(hidden_size, eps=eps)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.norm(embeddings))
+        return F.linear(self.norm(embeddings), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
     @torch.no_grad()
     def init_weights(self) -> None:
         init.normal_(self.weight, std=self.in_features**-0.5)
         init.zeros_(self.bias)
+
+
+def _checkpoint_while_recording(checkpoint_function: Callable, function: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    return checkpoint_function(function, *args, **kwargs)
+
+
+class ImplicitCheckpointingMixin:
+    """Activation checkpointing (`model.activation_checkpointing_enable()`) for implicit models.
+
+    The blocks are transformers `GradientCheckpointingLayer`s, but a block is checkpointed only when autograd records
+    the call: the phantom steps, or every iteration of an unrolled backward. The tape-free solver iterations run under
+    `no_grad`, where nothing is saved; a checkpoint there would still copy the RNG states on every call (and with
+    `use_reentrant=True` warn whenever no input requires grad).
+    """
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        # A partial of a module-level function, as transformers' own: layers holding it stay picklable.
+        checkpoint_function = partial(_checkpoint_while_recording, gradient_checkpointing_func)
+        super()._set_gradient_checkpointing(enable, checkpoint_function, every_n_layers)
 
 
 @dataclass
@@ -357,7 +394,8 @@ class ImplicitBackboneMixin:
             hidden = torch.cat(outputs, dim=1)
             stats = SolverStats.stack(token_stats) if self.config.implicit else None
 
-        _warn_if_not_converged(stats)
+        if not self.training:  # a training cap is part of the recipe (the bounded phase never converges)
+            _warn_if_not_converged(stats)
         output = ImplicitModelOutput(
             last_hidden_state=hidden, past_key_values=cache if use_cache else None, solver_stats=stats
         )

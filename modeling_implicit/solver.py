@@ -132,6 +132,8 @@ class _Anderson:
             self.xs = x.new_zeros(batch, self.memory, x.shape[1])
             self.fs = x.new_zeros(batch, self.memory, x.shape[1])
         slot = self.count % self.memory
+        if x.requires_grad:  # an unrolled backward needs the earlier buffers intact: write into copies
+            self.xs, self.fs = self.xs.clone(), self.fs.clone()
         self.xs[:, slot] = x
         self.fs[:, slot] = f
         self.count += 1

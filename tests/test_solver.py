@@ -137,6 +137,21 @@ def test_unrolled_backward_differentiates_every_iteration():
     torch.testing.assert_close(grad, expected)
 
 
+def test_unrolled_backward_through_anderson():
+    # Anderson keeps a history of iterates; the unrolled backward must see every one as it was. Converged, the
+    # gradient is the implicit-function one: d sum(z*) / db = 1^T (I - W)^-1.
+    weight = contraction(3, 0.7)
+    bias = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    result = solve_fixed_point(
+        linear_map(weight, bias), torch.zeros(1, 3, dtype=torch.float64),
+        settings(backward="unrolled", solver="anderson", damping=1.0, tolerance=1e-12, max_iterations=60),
+    )
+    assert bool(result.stats.converged.all())
+    (grad,) = torch.autograd.grad(result.z.sum(), bias)
+    expected = torch.ones(1, 3, dtype=torch.float64) @ torch.linalg.inv(torch.eye(3, dtype=torch.float64) - weight)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+
+
 def test_no_tape_without_grad():
     bias = torch.randn(1, 3, requires_grad=True)
     with torch.no_grad():

@@ -1,0 +1,180 @@
+"""training.finetune end to end: accelerate with 2 CPU processes through both curriculum phases, exact resume after a
+real kill, bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, build_tokenizer, tiny_mamba2
+from safetensors.torch import load_file
+
+TEXT = "mary went to the kitchen and john went to the garden . " * 40
+CURRICULUM = {
+    "phases": [
+        {"name": "bounded", "fraction": 0.5, "max_iterations": 2, "tolerance": 1e-30, "phantom_steps": 1},
+        {"name": "free", "fraction": 0.5, "max_iterations": 8, "tolerance": 0.05, "phantom_steps": 2},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny implicit Mamba2 with a tokenizer, repetitive training text and a two-phase curriculum file."""
+    root = tmp_path_factory.mktemp("finetune")
+    tokenizer = build_tokenizer()
+    model = tiny_mamba2(vocab_size=len(tokenizer), max_iterations=8, tolerance=0.05, eval_max_iterations=30)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "train.txt").write_text(TEXT)
+    (root / "curriculum.json").write_text(json.dumps(CURRICULUM))
+    return root
+
+
+def command(workspace, output, *extra, launcher=(sys.executable, "-m", "training.finetune")):
+    return [*launcher, "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"),
+            "--output-dir", str(output), "--seq-len", "16", "--batch-size", "2", "--learning-rate", "3e-3",
+            "--warmup-steps", "1", "--curriculum", str(workspace / "curriculum.json"), *map(str, extra)]
+
+
+def run(args, **environment):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **environment}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def log_lines(output):
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(output):
+    return load_file(output / "final" / "model.safetensors")
+
+
+def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
+    output = tmp_path / "run"
+    # accelerate's `--cpu` starts one process (several need an MPI host file); `--multi_gpu` with ACCELERATE_USE_CPU
+    # starts two gloo processes.
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.finetune")
+    result = run(command(workspace, output, "--max-steps", 12, "--eval-data", workspace / "train.txt",
+                         "--eval-every", 6, "--eval-batches", 2, launcher=launcher), ACCELERATE_USE_CPU="true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = log_lines(output)
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == list(range(1, 13))
+    assert [line["phase"] for line in steps] == ["bounded"] * 6 + ["free"] * 6
+    # The bounded phase runs exactly its cap (2 iterations + 1 phantom step); the free phase at most 8.
+    assert all(line["iterations_max"] == 2 for line in steps[:6])
+    assert all(line["iterations_max"] <= 8 for line in steps[6:])
+    assert steps[-1]["loss"] < 0.85 * steps[0]["loss"]
+    evals = [line for line in lines if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [6, 12] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    # Each step consumed 2 processes x 2 rows.
+    rows = len(build_tokenizer()(TEXT)["input_ids"]) // 16
+    assert steps[0]["epoch"] == pytest.approx(4 / rows) and steps[2]["epoch"] == pytest.approx(12 / rows)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(output / "final", trust_remote_code=True)
+    assert trained.config.max_iterations == 8  # the last phase's settings are saved
+
+
+def test_killed_run_resumes_to_identical_weights(workspace, tmp_path):
+    steps = 30
+    reference = tmp_path / "uninterrupted"
+    result = run(command(workspace, reference, "--max-steps", steps))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    output = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command(workspace, output, "--max-steps", steps, "--save-every", 4), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(output.glob("checkpoint-8")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (output / "final").exists()
+
+    resumed = run(command(workspace, output, "--max-steps", steps, "--save-every", 4, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stderr
+    expected, actual = weights(reference), weights(output)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert [line["loss"] for line in log_lines(output)] == [line["loss"] for line in log_lines(reference)]
+    assert len(list(output.glob("checkpoint-*"))) <= 2  # --keep-checkpoints
+
+
+def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monkeypatch):
+    from training.finetune import main
+
+    def error_of(*args):  # in-process: the errors come before any training work
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args[3:]))  # without the `python -m training.finetune` launcher
+        assert exit_info.value.code == 2
+        assert not (tmp_path / "out" / "final").exists()
+        return capsys.readouterr().err
+
+    base = command(workspace, tmp_path / "out", "--max-steps", 4)
+    missing = [a if a != str(workspace / "train.txt") else str(tmp_path / "missing.txt") for a in base]
+    assert "does not exist" in error_of(*missing)
+    (tmp_path / "tiny.txt").write_text("mary went")
+    tiny = [a if a != str(workspace / "train.txt") else str(tmp_path / "tiny.txt") for a in base]
+    assert "fewer than one row" in error_of(*tiny)
+    (tmp_path / "bad_curriculum.json").write_text(json.dumps(
+        {"phases": [{**CURRICULUM["phases"][0], "fraction": 0.5}, {**CURRICULUM["phases"][1], "fraction": 0.4}]}
+    ))
+    bad = [a if a != str(workspace / "curriculum.json") else str(tmp_path / "bad_curriculum.json") for a in base]
+    assert "sum to 1" in error_of(*bad)
+    assert "no config.json" in error_of(*[a if a != str(workspace / "model") else str(tmp_path) for a in base])
+    with monkeypatch.context() as patch:  # processes that cannot see each other
+        patch.setenv("WORLD_SIZE", "2")
+        assert "ACCELERATE_USE_CPU=true" in error_of(*base)
+
+    # A checkpoint of another run (different batch layout) is refused on resume, naming the difference.
+    main(command(workspace, tmp_path / "other", "--max-steps", 4, "--save-every", 2)[3:])
+    message = error_of(*command(workspace, tmp_path / "other", "--max-steps", 4, "--batch-size", 3, "--resume"))
+    assert "belongs to a different run" in message and "batch_size: checkpoint 2, now 3" in message
+    assert "pass --resume" in error_of(*command(workspace, tmp_path / "other", "--max-steps", 4))
+
+
+def test_data_stream_is_reproducible_and_sharded():
+    from training.data import DataError, RowStream
+
+    rows = torch.arange(10 * 4).view(10, 4)
+    whole = RowStream(rows, batch_size=2, seed=3)
+    shards = [RowStream(rows, batch_size=1, seed=3, num_processes=2, rank=r) for r in (0, 1)]
+    for micro in range(12):  # crosses two epoch boundaries
+        together = torch.cat([shard.batch(micro) for shard in shards])
+        assert torch.equal(together, whole.batch(micro))
+    first_epoch = torch.cat([whole.batch(m) for m in range(5)])
+    assert sorted(first_epoch[:, 0].tolist()) == list(range(0, 40, 4))  # every row once per epoch
+    assert torch.equal(RowStream(rows, 2, seed=3).batch(7), whole.batch(7))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        RowStream(rows[:3], batch_size=2, seed=0, num_processes=2)
+
+
+@pytest.mark.parametrize("name", ["accelerate_ddp.yaml", "accelerate_fsdp.yaml"])
+def test_example_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "training" / name))
+    assert config.distributed_type in ("MULTI_GPU", "FSDP")
+    assert config.num_processes == 8
+
+
+def test_activation_checkpointing_trains_the_same_weights(workspace, tmp_path):
+    from training.finetune import main
+
+    plain = main(command(workspace, tmp_path / "plain", "--max-steps", 3)[3:])
+    checkpointed = main(command(workspace, tmp_path / "ckpt", "--max-steps", 3, "--gradient-checkpointing")[3:])
+    expected, actual = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name

@@ -1,0 +1,1 @@
+"""Training implicit language models: the paper's curriculum and learning-rate schedule, fine-tuning with accelerate."""

@@ -1,0 +1,382 @@
+"""Fine-tune (or train) an implicit LM with accelerate: the paper's curriculum, phantom gradients, exact resume.
+
+    accelerate launch [--num_processes N] [--config_file training/accelerate_ddp.yaml] -m training.finetune \\
+        --model DIR --data train.jsonl --seq-len 512 --batch-size 8 --max-steps 1000 --output-dir runs/my-run \\
+        [--curriculum paper|none|FILE] [--eval-data val.jsonl --eval-every 100] [--save-every 100] [--resume]
+
+(`python -m training.finetune ...` runs the same thing in one process. Several processes on a machine without GPUs:
+`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m training.finetune ...`; accelerate's own
+`--cpu` flag starts a single process unless given an MPI host file.)
+
+- Model: `--model DIR`, a Hub-layout folder of one of our models; with `--random-init` a folder holding only a
+  config (or any of ours) is trained from a fresh initialisation.
+- Data: `.txt`, `.jsonl` (field `--text-field`), `.npy` or `.pt` token ids, packed into rows of `--seq-len` tokens and
+  served in a seeded order (training/data.py).
+- Optimiser: AdamW (weight decay 0.1 on matrices only, betas (0.9, 0.95)), linear warm-up, constant, square-root
+  decay to `--min-lr` from `--decay-start` (the paper's schedule, training/schedule.py); gradient accumulation,
+  gradient clipping, mixed precision from accelerate's config (`--mixed-precision`).
+- Curriculum (training/curriculum.py): phases with their fraction of the optimizer steps and solver settings, applied
+  to the model config at phase boundaries. `paper` is the two-phase (4+1) -> (24+4) Mamba2 / (32+4) Llama recipe.
+- Logs: a tqdm bar on the main process and `train_log.jsonl` in the output folder, one line per optimizer step (loss,
+  learning rate, gradient norm, phase, solver iterations and residuals) and one per evaluation.
+- Checkpoints: `--save-every N` writes `checkpoint-STEP/` (accelerate state: model, optimizer, scheduler, RNG of
+  every process; plus the step, data position and curriculum) into a temporary folder renamed when complete.
+  `--resume` continues from the newest complete checkpoint in the output folder; a run killed at any point and
+  resumed ends with the same weights as an uninterrupted one (bitwise on CPU with fixed seeds). A checkpoint from
+  another model, data, curriculum or batch layout is refused before any work.
+- Result: `final/`, a Hub-layout folder with remote code (and the tokenizer), loadable with
+  `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .curriculum import Curriculum, CurriculumError, resolve_curriculum
+from .data import DataError, RowStream, data_fingerprint, packed_rows
+from .schedule import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+LOG_FILE = "train_log.jsonl"
+# Arguments that must match for a resume to continue the same run (the rest, e.g. --save-every, may change).
+RESUME_ARGUMENTS = (
+    "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate", "min_lr", "warmup_steps",
+    "decay_start", "weight_decay", "adam_betas", "max_grad_norm", "seed", "text_field", "random_init",
+)
+
+
+class TrainingError(ValueError):
+    """Bad training input, found before any work is done."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="Hub-layout folder of an implicit model")
+    parser.add_argument("--random-init", action="store_true", help="ignore any weights in --model: fresh init")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model's, if it has one)")
+    parser.add_argument("--data", type=Path, required=True, help="training data: .txt, .jsonl, .npy or .pt")
+    parser.add_argument("--eval-data", type=Path, help="held-out data, evaluated every --eval-every steps")
+    parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch (default 8)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the decay (1e-5)")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--decay-start", type=float, default=0.9,
+                        help="fraction of the steps after which the square-root decay starts (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.95))
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    parser.add_argument("--curriculum", default="none", help="'paper', 'none' (the config's settings) or a JSON/YAML")
+    parser.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: end only)")
+    parser.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation (default 8)")
+    parser.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_batches",
+                 "keep_checkpoints"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.decay_start <= 1:
+        parser.error(f"--decay-start is a fraction of the steps in [0, 1], got {args.decay_start}")
+    args.adam_betas = tuple(args.adam_betas)
+    return args
+
+
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    """Our model from `--model` (weights, or a fresh init with `--random-init`) and its tokenizer (or None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_implicit  # noqa: F401  (registers the Auto classes, so the local code is what trains)
+
+    if not (args.model / "config.json").is_file():
+        raise TrainingError(f"--model {args.model}: no config.json there (expected a Hub-layout model folder)")
+    config = AutoConfig.from_pretrained(args.model)
+    if config.model_type not in ("implicit_mamba2", "implicit_llama"):
+        raise TrainingError(f"--model {args.model} is a {config.model_type!r} model, not an implicit one")
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        if not any(args.model.glob("*.safetensors")) and not any(args.model.glob("*.bin")):
+            raise TrainingError(f"--model {args.model} has no weights; pass --random-init to train from scratch")
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer_source = args.tokenizer or (args.model if (args.model / "tokenizer_config.json").is_file() else None)
+    tokenizer = None
+    if tokenizer_source is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        except Exception as error:
+            raise TrainingError(f"Cannot load the tokenizer {tokenizer_source}: {error}") from error
+    return model, tokenizer
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights) only, not on norms, biases or SSM scalars."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_fingerprint(args: argparse.Namespace, model: torch.nn.Module, curriculum: Curriculum, processes: int) -> dict:
+    """Everything a checkpoint must agree on to be resumed by this run."""
+    config = model.config.to_dict()
+    for field in ("max_iterations", "tolerance", "phantom_steps", "backward", "transformers_version"):
+        config.pop(field, None)  # set by the curriculum, or irrelevant
+    return {
+        "model_config": config,
+        "curriculum": curriculum.to_dict(),
+        "data": data_fingerprint(args.data),
+        "num_processes": processes,
+        "arguments": {name: list(v) if isinstance(v := getattr(args, name), tuple) else v for name in RESUME_ARGUMENTS},
+    }
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for key in keys for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint {saved!r}, now {current!r}"]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (partial ones, still being written when a run died, are
+    hidden folders and never match)."""
+    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def solver_summary(stats: list[Any]) -> dict[str, float]:
+    """Mean/max iterations, mean final residual and converged fraction over the `solver_stats` of several forwards
+    (empty for explicit models)."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return {}
+    iterations = torch.cat([s.iterations.flatten() for s in stats]).float()
+    return {
+        "iterations_mean": iterations.mean().item(),
+        "iterations_max": int(iterations.max().item()),
+        "residual_mean": torch.cat([s.residual.flatten() for s in stats]).float().mean().item(),
+        "converged_fraction": torch.cat([s.converged.flatten() for s in stats]).float().mean().item(),
+    }
+
+
+class RunLog:
+    """`train_log.jsonl` on the main process; on resume, lines after the resumed step are dropped so the log of a
+    resumed run equals an uninterrupted one's."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return train(args)
+    except (TrainingError, DataError, CurriculumError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Without GPUs, `accelerate launch --multi_gpu` starts N processes that each train alone on the same files.
+        raise TrainingError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: on a machine "
+            "without GPUs, set ACCELERATE_USE_CPU=true (ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N ...)"
+        )
+    set_seed(args.seed)
+    # Everything that can be wrong is checked before the first step.
+    model, tokenizer = load_model_and_tokenizer(args)
+    curriculum = resolve_curriculum(args.curriculum, model.config)
+    plan = curriculum.describe(args.max_steps)  # refuses a curriculum with more phases than steps
+    rows = packed_rows(args.data, tokenizer, args.seq_len, model.config.vocab_size, args.text_field)
+    stream = RowStream(rows, args.batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    eval_stream = None
+    if args.eval_data is not None:
+        eval_rows = packed_rows(args.eval_data, tokenizer, args.seq_len, model.config.vocab_size, args.text_field)
+        eval_stream = RowStream(eval_rows, args.batch_size, args.seed, accelerator.num_processes,
+                                accelerator.process_index)
+    fingerprint = run_fingerprint(args, model, curriculum, accelerator.num_processes)
+    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        logger.info("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
+    start_step = 0
+    if resume_from is not None:
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        differences = _differences(state["fingerprint"], json.loads(json.dumps(fingerprint)))
+        if differences:
+            raise TrainingError(f"{resume_from} belongs to a different run:\n  " + "\n  ".join(differences))
+        start_step = state["step"]
+    elif args.output_dir.exists() and latest_checkpoint(args.output_dir) is not None:
+        raise TrainingError(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume, or another folder")
+
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=args.adam_betas)
+    scheduler = make_scheduler(optimizer, total_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                               decay_start=round(args.decay_start * args.max_steps), min_lr=args.min_lr)
+    # The scheduler is not prepared: accelerate would step it once per process per optimizer step. Registered, it is
+    # still saved and restored with the checkpoints.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    raw_model = accelerator.unwrap_model(model)
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        logger.info("Resumed from %s (step %d)", resume_from, start_step)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        logger.info("Curriculum:\n%s", plan)
+    log = RunLog(args.output_dir / LOG_FILE, accelerator.is_main_process, start_step)
+
+    phase = None
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+                    desc="training", unit="step", disable=not accelerator.is_main_process)
+    for step in progress:
+        index = curriculum.phase_index(step, args.max_steps)
+        if index != phase:
+            phase = index
+            curriculum.apply(raw_model.config, phase)
+            current = curriculum.phases[phase]
+            logger.info("step %d: phase %r %s", step, current.name, current.settings())
+        start = time.perf_counter()
+        loss_sum, stats = torch.zeros((), device=accelerator.device), []
+        for micro in range(args.gradient_accumulation_steps):
+            batch = stream.batch(step * args.gradient_accumulation_steps + micro).to(accelerator.device)
+            sync = micro == args.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                outputs = model(input_ids=batch, labels=batch, use_cache=False)
+                accelerator.backward(outputs.loss / args.gradient_accumulation_steps)
+            loss_sum += outputs.loss.detach()
+            stats.append(outputs.solver_stats)
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean").item()
+        record = {
+            "step": step + 1, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+            "phase": curriculum.phases[phase].name,
+            "epoch": stream.epoch_of((step + 1) * args.gradient_accumulation_steps),
+            **solver_summary(stats), "seconds": time.perf_counter() - start,
+        }
+        log.write(record)
+        progress.set_postfix(loss=f"{loss:.3f}", it=f"{record.get('iterations_mean', 0):.1f}")
+        done = step + 1
+        if eval_stream is not None and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
+            log.write({"step": done, **evaluate(model, eval_stream, args.eval_batches, accelerator)})
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(accelerator, args, done, fingerprint)
+    progress.close()
+    return save_final(accelerator, model, tokenizer, args)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, stream: RowStream, batches: int, accelerator: Any) -> dict[str, Any]:
+    """Mean loss, perplexity and solver statistics over the first `batches` micro-batches of `stream`, in eval mode
+    (the inference iteration cap)."""
+    model.eval()
+    losses, stats = [], []
+    for index in range(batches):
+        batch = stream.batch(index).to(accelerator.device)
+        outputs = model(input_ids=batch, labels=batch, use_cache=False)
+        losses.append(outputs.loss)
+        stats.append(outputs.solver_stats)
+    model.train()
+    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+    summary = {f"eval_{k}": v for k, v in solver_summary(stats).items()}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), **summary}
+
+
+def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, fingerprint: dict[str, Any]) -> None:
+    """Write `checkpoint-STEP` atomically: every process saves into a hidden staging folder, the main process adds
+    the run state and renames it; only then are older checkpoints pruned."""
+    final = args.output_dir / f"checkpoint-{step}"
+    staging = args.output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}, indent=1))
+        staging.rename(final)
+        checkpoints = sorted(
+            (p for p in args.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in checkpoints[: -args.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> Path:
+    """The trained model as a Hub-layout folder (`final/`, remote code included), written atomically. The full state
+    dict is gathered on every process first (FSDP shards it)."""
+    from conversion.checkpoint_io import atomic_output_dir
+
+    destination = args.output_dir / "final"
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        raw_model = accelerator.unwrap_model(model)
+        with atomic_output_dir(destination, overwrite=True) as staging:
+            raw_model.save_pretrained(staging, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        logger.info("Saved the trained model to %s", destination)
+    accelerator.wait_for_everyone()
+    return destination
+
+
+if __name__ == "__main__":
+    main()
