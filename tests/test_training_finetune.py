@@ -178,3 +178,31 @@ def test_activation_checkpointing_trains_the_same_weights(workspace, tmp_path):
     expected, actual = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_lora_run_saves_a_merged_model_and_its_adapter(workspace, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from training.finetune import main
+
+    final = main(command(workspace, tmp_path / "lora", "--max-steps", 3, "--lora-rank", 4)[3:])
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = load_file(final / "model.safetensors")
+    base = load_file(workspace / "model" / "model.safetensors")
+    assert not any("lora" in name for name in merged)
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all("in_proj" in name or "out_proj" in name for name in changed)  # only the adapted layers
+    assert type(AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)).__name__.startswith("Implicit")
+
+
+def test_preset_model_source(tmp_path, capsys):
+    from training.finetune import load_model_and_tokenizer, main, parse_args
+
+    args = parse_args(["--preset", "mamba2-130m-implicit", "--data", "x.npy", "--output-dir", str(tmp_path),
+                       "--max-steps", "1"])
+    model, tokenizer = load_model_and_tokenizer(args)
+    assert model.config.hidden_size == 768 and model.config.num_hidden_layers == 24 and tokenizer is None
+    with pytest.raises(SystemExit):
+        main(["--preset", "mamba2-7b", "--data", "x.npy", "--output-dir", str(tmp_path), "--max-steps", "1"])
+    assert "Unknown preset 'mamba2-7b'" in capsys.readouterr().err

@@ -9,7 +9,9 @@
 `--cpu` flag starts a single process unless given an MPI host file.)
 
 - Model: `--model DIR`, a Hub-layout folder of one of our models; with `--random-init` a folder holding only a
-  config (or any of ours) is trained from a fresh initialisation.
+  config (or any of ours) is trained from a fresh initialisation; `--preset NAME` starts from one of the paper's 24
+  reference configurations (conversion/presets.py), freshly initialised. `--lora-rank R` trains a PEFT LoRA adapter
+  on the block projections instead of all weights (merged into the saved model).
 - Data: `.txt`, `.jsonl` (field `--text-field`), `.npy` or `.pt` token ids, packed into rows of `--seq-len` tokens and
   served in a seeded order (training/data.py).
 - Optimiser: AdamW (weight decay 0.1 on matrices only, betas (0.9, 0.95)), linear warm-up, constant, square-root
@@ -56,7 +58,8 @@ LOG_FILE = "train_log.jsonl"
 # Arguments that must match for a resume to continue the same run (the rest, e.g. --save-every, may change).
 RESUME_ARGUMENTS = (
     "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate", "min_lr", "warmup_steps",
-    "decay_start", "weight_decay", "adam_betas", "max_grad_norm", "seed", "text_field", "random_init",
+    "decay_start", "weight_decay", "adam_betas", "max_grad_norm", "seed", "text_field", "random_init", "preset",
+    "lora_rank", "lora_alpha", "lora_targets",
 )
 
 
@@ -68,9 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, help="Hub-layout folder of an implicit model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="Hub-layout folder of an implicit model")
+    source.add_argument("--preset", help="a reference configuration (e.g. mamba2-130m-implicit), randomly initialised")
     parser.add_argument("--random-init", action="store_true", help="ignore any weights in --model: fresh init")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model's, if it has one)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train a LoRA adapter of this rank instead of all weights (needs peft; 0: off)")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 x rank)")
+    parser.add_argument("--lora-targets", default="all-linear",
+                        help="comma-separated module names, or 'all-linear' (every block projection; the default)")
     parser.add_argument("--data", type=Path, required=True, help="training data: .txt, .jsonl, .npy or .pt")
     parser.add_argument("--eval-data", type=Path, help="held-out data, evaluated every --eval-every steps")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
@@ -104,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("warmup_steps", "eval_every", "save_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must not be negative, got {args.lora_rank}")
     if not 0 <= args.decay_start <= 1:
         parser.error(f"--decay-start is a fraction of the steps in [0, 1], got {args.decay_start}")
     args.adam_betas = tuple(args.adam_betas)
@@ -111,24 +123,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
-    """Our model from `--model` (weights, or a fresh init with `--random-init`) and its tokenizer (or None)."""
+    """Our model from `--model` (weights, or a fresh init with `--random-init`) or `--preset` (fresh init), and its
+    tokenizer (or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import modeling_implicit  # noqa: F401  (registers the Auto classes, so the local code is what trains)
 
-    if not (args.model / "config.json").is_file():
-        raise TrainingError(f"--model {args.model}: no config.json there (expected a Hub-layout model folder)")
-    config = AutoConfig.from_pretrained(args.model)
-    if config.model_type not in ("implicit_mamba2", "implicit_llama"):
-        raise TrainingError(f"--model {args.model} is a {config.model_type!r} model, not an implicit one")
-    if args.random_init:
+    if args.preset is not None:
+        from conversion.presets import preset_reference_config
+        from conversion.reference import config_from_reference
+
+        try:
+            config = config_from_reference(preset_reference_config(args.preset))
+        except ValueError as error:
+            raise TrainingError(f"--preset: {error}") from error
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config)
     else:
-        if not any(args.model.glob("*.safetensors")) and not any(args.model.glob("*.bin")):
-            raise TrainingError(f"--model {args.model} has no weights; pass --random-init to train from scratch")
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    tokenizer_source = args.tokenizer or (args.model if (args.model / "tokenizer_config.json").is_file() else None)
+        if not (args.model / "config.json").is_file():
+            raise TrainingError(f"--model {args.model}: no config.json there (expected a Hub-layout model folder)")
+        config = AutoConfig.from_pretrained(args.model)
+        if config.model_type not in ("implicit_mamba2", "implicit_llama"):
+            raise TrainingError(f"--model {args.model} is a {config.model_type!r} model, not an implicit one")
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            if not any(args.model.glob("*.safetensors")) and not any(args.model.glob("*.bin")):
+                raise TrainingError(f"--model {args.model} has no weights; pass --random-init to train from scratch")
+            model = AutoModelForCausalLM.from_pretrained(args.model)
+    has_tokenizer = args.model is not None and (args.model / "tokenizer_config.json").is_file()
+    tokenizer_source = args.tokenizer or (args.model if has_tokenizer else None)
     tokenizer = None
     if tokenizer_source is not None:
         try:
@@ -136,6 +161,21 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module,
         except Exception as error:
             raise TrainingError(f"Cannot load the tokenizer {tokenizer_source}: {error}") from error
     return model, tokenizer
+
+
+def add_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """Wrap `model` in a PEFT LoRA adapter (see docs/ARCHITECTURE.md for the targets); only the adapter trains."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise TrainingError("--lora-rank needs peft: pip install 'implicit-lm[train]'") from error
+    targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # a target that does not exist or cannot take an adapter
+        raise TrainingError(f"--lora-targets {args.lora_targets}: {error}") from error
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -257,6 +297,8 @@ def train(args: argparse.Namespace) -> Path:
 
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if args.lora_rank:
+        model = add_lora(model, args)
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=args.adam_betas)
@@ -361,8 +403,9 @@ def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, finge
 
 
 def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> Path:
-    """The trained model as a Hub-layout folder (`final/`, remote code included), written atomically. The full state
-    dict is gathered on every process first (FSDP shards it)."""
+    """The trained model as a Hub-layout folder (`final/`, remote code included; a LoRA adapter merged into the
+    weights, and also saved on its own in `final/adapter/`), written atomically. The full state dict is gathered on
+    every process first (FSDP shards it)."""
     from conversion.checkpoint_io import atomic_output_dir
 
     destination = args.output_dir / "final"
@@ -370,7 +413,11 @@ def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: a
     if accelerator.is_main_process:
         raw_model = accelerator.unwrap_model(model)
         with atomic_output_dir(destination, overwrite=True) as staging:
-            raw_model.save_pretrained(staging, state_dict=state_dict)
+            if args.lora_rank:
+                raw_model.save_pretrained(staging / "adapter")
+                raw_model.merge_and_unload().save_pretrained(staging)
+            else:
+                raw_model.save_pretrained(staging, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
         logger.info("Saved the trained model to %s", destination)
