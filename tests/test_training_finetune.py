@@ -206,3 +206,32 @@ def test_preset_model_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "mamba2-7b", "--data", "x.npy", "--output-dir", str(tmp_path), "--max-steps", "1"])
     assert "Unknown preset 'mamba2-7b'" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_on_cpu(workspace, tmp_path):
+    # In a fresh process: accelerate's state is a per-process singleton fixed by the first Accelerator.
+    result = run(command(workspace, tmp_path / "bf16", "--max-steps", 3, "--mixed-precision", "bf16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [line["loss"] for line in log_lines(tmp_path / "bf16")]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+
+
+def test_synthetic_word_problem_training(tmp_path):
+    """`--data synthetic:A5`: per-position running-product labels, fresh batches every step, accuracy in the eval."""
+    from training.finetune import main
+
+    tiny_mamba2(vocab_size=64, max_iterations=6, tolerance=0.05, eval_max_iterations=30).save_pretrained(
+        tmp_path / "model"
+    )
+    args = ["--model", str(tmp_path / "model"), "--data", "synthetic:A5", "--eval-data", "synthetic:A5",
+            "--eval-seq-len", "16", "--eval-batches", "2", "--output-dir", str(tmp_path / "run"), "--seq-len", "2",
+            "--batch-size", "32", "--max-steps", "40", "--learning-rate", "1e-2"]
+    main(args)
+    lines = log_lines(tmp_path / "run")
+    steps = [line for line in lines if "loss" in line]
+    losses = [line["loss"] for line in steps]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.85 * sum(losses[:5])  # the first position is learnt quickly
+    evaluation = [line for line in lines if "eval_loss" in line][-1]
+    assert 0 <= evaluation["eval_accuracy"] <= 1 and "eval_perplexity" not in evaluation
+    with pytest.raises(SystemExit):  # the mixed task has 240 symbols, more than this vocabulary
+        main([*args[:3], "synthetic:mixed:0.5", *args[4:6], "synthetic:mixed:0.5", *args[6:]])

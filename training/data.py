@@ -1,9 +1,10 @@
 """Training data: token files packed into fixed-length rows, served in a seeded order that a resumed run can replay.
 
-The order is a pure function of `(seed, micro-batch index)`: epoch `e` visits the rows in `randperm(rows, seed + e)`,
-and micro-batch `m` of process `r` out of `P` is the next `batch_size` rows of that endless stream starting at
-`(m * P + r) * batch_size`. A run therefore needs only the micro-batch counter to continue exactly where it stopped,
-on any number of processes that matches the one it started with.
+Files: the order is a pure function of `(seed, micro-batch index)`: epoch `e` visits the rows in
+`randperm(rows, seed + e)`, and micro-batch `m` of process `r` out of `P` is the next `batch_size` rows of that
+endless stream starting at `(m * P + r) * batch_size`. A run therefore needs only the micro-batch counter to continue
+exactly where it stopped, on any number of processes that matches the one it started with. Synthetic tasks
+(`synthetic:S5`, `synthetic:A5`, `synthetic:mixed:P`) are generated per micro-batch from the same counter.
 """
 
 from __future__ import annotations
@@ -73,7 +74,61 @@ class RowStream:
         return micro_step * self.num_processes * self.batch_size / self.rows.shape[0]
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+# Micro-batch seeds of the evaluation stream live far from the training stream's.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def parse_synthetic(spec: str) -> tuple[str, float | None]:
+    """`synthetic:S5`, `synthetic:A5` or `synthetic:mixed:P` (the paper's D_p) -> (group, p)."""
+    parts = spec.removeprefix(SYNTHETIC_PREFIX).split(":")
+    if parts[0] in ("S5", "A5") and len(parts) == 1:
+        return parts[0], None
+    if parts[0] == "mixed" and len(parts) == 2:
+        try:
+            p = float(parts[1])
+        except ValueError:
+            p = -1.0
+        if 0 <= p <= 1:
+            return "mixed", p
+    raise DataError(f"--data {spec}: expected synthetic:S5, synthetic:A5 or synthetic:mixed:P with P in [0, 1]")
+
+
+class SyntheticStream:
+    """Word problems (eval/state_tracking.py) generated on the fly: micro-batch `m` of process `r` is drawn with seed
+    `(seed, m, r)`, so the stream is endless, reproducible and resumable like `RowStream`. Batches are
+    `(tokens, labels)`: the label at each position is the running product up to it (a per-position classification
+    over the same ids, not next-token prediction)."""
+
+    def __init__(self, spec: str, seq_len: int, batch_size: int, seed: int, vocab_size: int,
+                 num_processes: int = 1, rank: int = 0):
+        from eval.state_tracking import get_monoid
+
+        self.group, self.p = parse_synthetic(spec)
+        size = get_monoid(self.group).size
+        if size > vocab_size:
+            raise DataError(f"--data {spec} has {size} symbols, more than the model's vocabulary ({vocab_size})")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.num_processes, self.rank = num_processes, rank
+
+    def batch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from eval.state_tracking import mixed_word_problem, word_problem
+
+        seed = (self.seed * 1_000_000_007 + micro_step * self.num_processes + self.rank) % 2**63
+        if self.group == "mixed":
+            tokens, labels = mixed_word_problem(self.p, self.batch_size, self.seq_len, seed)
+        else:
+            tokens, labels = word_problem(self.group, self.batch_size, self.seq_len, seed)
+        return tokens.long(), labels.long()
+
+    def epoch_of(self, micro_step: int) -> float:
+        """Fresh data every batch: samples drawn so far, in units of one batch per process."""
+        return float(micro_step)
+
+
 def data_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """What identifies a data file for resume checks: its resolved path and size."""
+    """What identifies the data for resume checks: a synthetic task's spec, or a file's resolved path and size."""
+    if str(path).startswith(SYNTHETIC_PREFIX):
+        return {"synthetic": str(path)}
     path = Path(path).resolve()
     return {"path": str(path), "bytes": path.stat().st_size}

@@ -13,7 +13,9 @@
   reference configurations (conversion/presets.py), freshly initialised. `--lora-rank R` trains a PEFT LoRA adapter
   on the block projections instead of all weights (merged into the saved model).
 - Data: `.txt`, `.jsonl` (field `--text-field`), `.npy` or `.pt` token ids, packed into rows of `--seq-len` tokens and
-  served in a seeded order (training/data.py).
+  served in a seeded order; or a synthetic word problem (`synthetic:S5`, `synthetic:A5`, `synthetic:mixed:P`, the
+  paper's D_p) generated per batch and trained as per-position classification of the running product
+  (training/data.py). `--eval-seq-len` evaluates at another length (length generalisation).
 - Optimiser: AdamW (weight decay 0.1 on matrices only, betas (0.9, 0.95)), linear warm-up, constant, square-root
   decay to `--min-lr` from `--decay-start` (the paper's schedule, training/schedule.py); gradient accumulation,
   gradient clipping, mixed precision from accelerate's config (`--mixed-precision`).
@@ -48,7 +50,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .curriculum import Curriculum, CurriculumError, resolve_curriculum
-from .data import DataError, RowStream, data_fingerprint, packed_rows
+from .data import (
+    EVAL_SEED_OFFSET,
+    SYNTHETIC_PREFIX,
+    DataError,
+    RowStream,
+    SyntheticStream,
+    data_fingerprint,
+    packed_rows,
+)
 from .schedule import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -59,6 +69,7 @@ LOG_FILE = "train_log.jsonl"
 RESUME_ARGUMENTS = (
     "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate", "min_lr", "warmup_steps",
     "decay_start", "weight_decay", "adam_betas", "max_grad_norm", "seed", "text_field", "random_init", "preset",
+    "eval_seq_len",
     "lora_rank", "lora_alpha", "lora_targets",
 )
 
@@ -81,8 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 x rank)")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names, or 'all-linear' (every block projection; the default)")
-    parser.add_argument("--data", type=Path, required=True, help="training data: .txt, .jsonl, .npy or .pt")
-    parser.add_argument("--eval-data", type=Path, help="held-out data, evaluated every --eval-every steps")
+    parser.add_argument("--data", required=True,
+                        help="training data: .txt, .jsonl, .npy or .pt, or synthetic:S5|A5|mixed:P (word problems)")
+    parser.add_argument("--eval-data", help="held-out data (same forms), evaluated every --eval-every steps")
+    parser.add_argument("--eval-seq-len", type=int, help="row length of the evaluation data (default: --seq-len)")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default 512)")
@@ -274,13 +287,12 @@ def train(args: argparse.Namespace) -> Path:
     model, tokenizer = load_model_and_tokenizer(args)
     curriculum = resolve_curriculum(args.curriculum, model.config)
     plan = curriculum.describe(args.max_steps)  # refuses a curriculum with more phases than steps
-    rows = packed_rows(args.data, tokenizer, args.seq_len, model.config.vocab_size, args.text_field)
-    stream = RowStream(rows, args.batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    layout = (accelerator.num_processes, accelerator.process_index)
+    stream = make_stream(args.data, args.seq_len, args.seed, model, tokenizer, args, *layout)
     eval_stream = None
     if args.eval_data is not None:
-        eval_rows = packed_rows(args.eval_data, tokenizer, args.seq_len, model.config.vocab_size, args.text_field)
-        eval_stream = RowStream(eval_rows, args.batch_size, args.seed, accelerator.num_processes,
-                                accelerator.process_index)
+        eval_stream = make_stream(args.eval_data, args.eval_seq_len or args.seq_len, args.seed + EVAL_SEED_OFFSET,
+                                  model, tokenizer, args, *layout)
     fingerprint = run_fingerprint(args, model, curriculum, accelerator.num_processes)
     resume_from = latest_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -330,12 +342,12 @@ def train(args: argparse.Namespace) -> Path:
         start = time.perf_counter()
         loss_sum, stats = torch.zeros((), device=accelerator.device), []
         for micro in range(args.gradient_accumulation_steps):
-            batch = stream.batch(step * args.gradient_accumulation_steps + micro).to(accelerator.device)
+            batch = to_device(stream.batch(step * args.gradient_accumulation_steps + micro), accelerator.device)
             sync = micro == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                outputs = model(input_ids=batch, labels=batch, use_cache=False)
-                accelerator.backward(outputs.loss / args.gradient_accumulation_steps)
-            loss_sum += outputs.loss.detach()
+                loss, outputs, _ = forward_loss(model, batch)
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            loss_sum += loss.detach()
             stats.append(outputs.solver_stats)
         grad_norm = None
         if args.max_grad_norm > 0:
@@ -363,21 +375,52 @@ def train(args: argparse.Namespace) -> Path:
     return save_final(accelerator, model, tokenizer, args)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, stream: RowStream, batches: int, accelerator: Any) -> dict[str, Any]:
-    """Mean loss, perplexity and solver statistics over the first `batches` micro-batches of `stream`, in eval mode
-    (the inference iteration cap)."""
-    model.eval()
-    losses, stats = [], []
-    for index in range(batches):
-        batch = stream.batch(index).to(accelerator.device)
+def make_stream(spec: str, seq_len: int, seed: int, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
+                num_processes: int, rank: int) -> RowStream | SyntheticStream:
+    """A data file packed into rows, or a synthetic word-problem task."""
+    vocab_size = model.config.vocab_size
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return SyntheticStream(spec, seq_len, args.batch_size, seed, vocab_size, num_processes, rank)
+    rows = packed_rows(spec, tokenizer, seq_len, vocab_size, args.text_field)
+    return RowStream(rows, args.batch_size, seed, num_processes, rank)
+
+
+def to_device(batch: torch.Tensor | tuple[torch.Tensor, ...], device: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
+def forward_loss(model: torch.nn.Module, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple:
+    """`(loss, outputs, accuracy)`: next-token loss for packed text; for `(tokens, labels)` word problems the
+    per-position cross-entropy against the running-product labels and the per-token accuracy."""
+    if not isinstance(batch, tuple):
         outputs = model(input_ids=batch, labels=batch, use_cache=False)
-        losses.append(outputs.loss)
+        return outputs.loss, outputs, None
+    tokens, labels = batch
+    outputs = model(input_ids=tokens, use_cache=False)
+    logits = outputs.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return loss, outputs, (logits.argmax(-1) == labels).float().mean()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, stream: RowStream | SyntheticStream, batches: int, accelerator: Any) -> dict:
+    """Mean loss, perplexity (next-token data) or per-token accuracy (word problems) and solver statistics over the
+    first `batches` micro-batches of `stream`, in eval mode (the inference iteration cap)."""
+    model.eval()
+    losses, accuracies, stats = [], [], []
+    for index in range(batches):
+        loss, outputs, accuracy = forward_loss(model, to_device(stream.batch(index), accelerator.device))
+        losses.append(loss)
+        accuracies.append(accuracy)
         stats.append(outputs.solver_stats)
     model.train()
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-    summary = {f"eval_{k}": v for k, v in solver_summary(stats).items()}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), **summary}
+    result = {"eval_loss": loss, **{f"eval_{k}": v for k, v in solver_summary(stats).items()}}
+    if accuracies[0] is None:
+        result["eval_perplexity"] = math.exp(min(loss, 700.0))
+    else:
+        result["eval_accuracy"] = accelerator.reduce(torch.stack(accuracies).mean(), reduction="mean").item()
+    return result
 
 
 def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, fingerprint: dict[str, Any]) -> None:

@@ -1,0 +1,260 @@
+"""`eval.state_tracking`: group tables against explicit permutation composition, word-problem labels against a Python
+fold, the D_p sampler, accuracy, and the command line."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import subprocess
+import sys
+from functools import reduce
+
+import pytest
+import torch
+from conftest import ROOT
+
+from eval import state_tracking as st
+
+
+def compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """(a * b)(i) = a(b(i)): b first, as the reference's `Perm.__mul__`."""
+    return tuple(a[b[i]] for i in range(len(b)))
+
+
+def parity(perm: tuple[int, ...]) -> int:
+    return sum(perm[i] > perm[j] for i, j in itertools.combinations(range(len(perm)), 2)) % 2
+
+
+def as_tuples(group: st.FiniteMonoid) -> list[tuple[int, ...]]:
+    return [tuple(row) for row in group.permutations.tolist()]
+
+
+def test_group_elements():
+    s5, a5 = st.symmetric_group(), st.alternating_group()
+    assert (s5.size, a5.size) == (120, 60)
+    assert as_tuples(s5) == list(itertools.permutations(range(5)))  # lexicographic, the reference's order
+    assert as_tuples(a5) == [perm for perm in itertools.permutations(range(5)) if parity(perm) == 0]
+    assert as_tuples(s5)[0] == as_tuples(a5)[0] == (0, 1, 2, 3, 4)
+    for group in (s5, a5):
+        assert group.table.dtype == torch.uint8 and group.table.shape == (group.size, group.size)
+
+
+@pytest.mark.parametrize("build", [st.symmetric_group, st.alternating_group])
+def test_table_is_permutation_composition(build):
+    group = build()
+    perms = as_tuples(group)
+    index = {perm: i for i, perm in enumerate(perms)}
+    table = group.table.tolist()
+    for a, b in itertools.product(range(group.size), repeat=2):
+        assert table[a][b] == index[compose(perms[a], perms[b])]
+
+
+def test_a5_is_the_even_subgroup_of_s5():
+    s5, a5 = st.symmetric_group(), st.alternating_group()
+    s5_index = {perm: i for i, perm in enumerate(as_tuples(s5))}
+    embed = torch.tensor([s5_index[perm] for perm in as_tuples(a5)])
+    # Closed: every product of even permutations is an A5 element, and A5's table is S5's restricted to it.
+    assert torch.equal(embed[a5.table.long()], s5.table[embed[:, None], embed[None, :]].long())
+    assert all(parity(compose(a, b)) == 0 for a, b in itertools.product(as_tuples(a5), repeat=2))
+
+
+@pytest.mark.parametrize(
+    "build", [st.symmetric_group, st.alternating_group, st.aperiodic_monoid, st.mixed_monoid], ids=lambda b: b.__name__
+)
+def test_monoid_axioms(build):
+    monoid = build()
+    table = monoid.table.long()
+    elements = torch.arange(monoid.size)
+    assert torch.equal(table[0], elements) and torch.equal(table[:, 0], elements)  # identity
+    if monoid.size <= 120:  # every triple
+        a, b, c = torch.cartesian_prod(elements, elements, elements).unbind(-1)
+    else:
+        a, b, c = torch.randint(monoid.size, (3, 200_000), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(table[table[a, b], c], table[a, table[b, c]])
+
+
+@pytest.mark.parametrize("build", [st.symmetric_group, st.alternating_group])
+def test_inverses(build):
+    group = build()
+    inverse = group.inverses()
+    assert inverse.dtype == torch.uint8
+    perms = as_tuples(group)
+    for a in range(group.size):
+        assert compose(perms[a], perms[inverse[a]]) == compose(perms[inverse[a]], perms[a]) == (0, 1, 2, 3, 4)
+
+
+def test_aperiodic_monoid():
+    monoid = st.aperiodic_monoid()
+    assert monoid.size == 4
+    assert monoid.table.tolist() == [list(row) for row in st.APERIODIC_TABLE]
+    for element in range(4):  # aperiodic: m^k = m^(k+1) (k = 2 suffices here)
+        powers = [element]
+        for _ in range(3):
+            powers.append(int(monoid.table[powers[-1], element]))
+        assert powers[2] == powers[3]
+    with pytest.raises(ValueError, match="not a group"):
+        monoid.inverses()
+
+
+def test_mixed_monoid_is_the_componentwise_product():
+    mixed, a5 = st.mixed_monoid(), st.alternating_group()
+    assert mixed.size == 240
+    perms = as_tuples(a5)
+    index = {perm: i for i, perm in enumerate(perms)}
+    rng = random.Random(0)
+    for _ in range(2000):
+        (g1, m1), (g2, m2) = [(rng.randrange(60), rng.randrange(4)) for _ in range(2)]
+        expected = 4 * index[compose(perms[g1], perms[g2])] + st.APERIODIC_TABLE[m1][m2]
+        assert mixed.table[4 * g1 + m1, 4 * g2 + m2] == expected
+    assert mixed.table.dtype == torch.uint8
+
+
+def fold_labels(group: st.FiniteMonoid, tokens: list[int]) -> list[int]:
+    """Running products by explicit composition: permutations for groups, the monoid's table for M."""
+    if group.name == "A5xM":
+        perms = as_tuples(st.alternating_group())
+        parts = [(perms[t // 4], t % 4) for t in tokens]
+        step = lambda x, y: (compose(x[0], y[0]), st.APERIODIC_TABLE[x[1]][y[1]])  # noqa: E731
+        index = {perm: i for i, perm in enumerate(perms)}
+        return [4 * index[g] + m for g, m in itertools.accumulate(parts, step)]
+    perms = as_tuples(group)
+    index = {perm: i for i, perm in enumerate(perms)}
+    return [index[perm] for perm in itertools.accumulate((perms[t] for t in tokens), compose)]
+
+
+@pytest.mark.parametrize("name", st.GROUPS)
+@pytest.mark.parametrize("length", [1, 2, 7, 33])
+def test_labels_are_running_products(name, length):
+    group = st.get_monoid(name)
+    if name == "mixed":
+        tokens, labels = st.mixed_word_problem(0.5, 4, length, seed=1)
+    else:
+        tokens, labels = st.word_problem(name, 4, length, seed=1)
+    assert tokens.shape == labels.shape == (4, length)
+    assert tokens.dtype == labels.dtype == torch.uint8
+    assert int(tokens.max()) < group.size
+    for row_tokens, row_labels in zip(tokens.tolist(), labels.tolist()):
+        assert row_labels == fold_labels(group, row_tokens)
+
+
+def test_label_is_the_map_x0_after_x1():
+    """The convention spelled out: y_t(i) = x_0(x_1(...x_t(i)))."""
+    tokens, labels = st.word_problem("S5", 3, 5, seed=2)
+    perms = st.symmetric_group().permutations
+    for row_tokens, row_labels in zip(tokens.long(), labels.long()):
+        expected = reduce(lambda acc, token: acc[perms[token]], row_tokens.tolist(), torch.arange(5))
+        assert torch.equal(perms[row_labels[-1]], expected)
+
+
+def test_determinism():
+    first = st.mixed_word_problem(0.3, 8, 16, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(first, st.mixed_word_problem(0.3, 8, 16, seed=5)))
+    assert not torch.equal(first[0], st.mixed_word_problem(0.3, 8, 16, seed=6)[0])
+    tokens, _ = st.word_problem("A5", 8, 16, seed=5)
+    assert torch.equal(tokens, st.word_problem("A5", 8, 16, seed=5)[0])
+    assert not torch.equal(tokens, st.word_problem("A5", 8, 16, seed=6)[0])
+
+
+def test_word_problem_is_uniform_over_the_group():
+    tokens, _ = st.word_problem("S5", 400, 300, seed=0)
+    counts = torch.bincount(tokens.flatten().long(), minlength=120).double()
+    expected = tokens.numel() / 120
+    assert ((counts - expected).abs() < 6 * math.sqrt(expected)).all()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_mixed_hard_rate(p):
+    tokens, _ = st.mixed_word_problem(p, 200, 256, seed=3)
+    hard = st.hard_mask(tokens)
+    assert torch.equal(hard, tokens.long() // 4 != 0)
+    n = tokens.numel()
+    # Binomial(n, p): within 5 standard deviations (exact at p in {0, 1}).
+    assert abs(hard.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
+    monoid_counts = torch.bincount(tokens.flatten().long() % 4, minlength=4).double()
+    assert ((monoid_counts / n - 0.25).abs() < 5 * math.sqrt(0.25 * 0.75 / n)).all()
+    if p > 0:  # hard elements are the 59 non-identities, uniformly
+        counts = torch.bincount(tokens[hard].long() // 4, minlength=60).double()
+        assert counts[0] == 0
+        expected = hard.sum().item() / 59
+        assert ((counts[1:] - expected).abs() < 6 * math.sqrt(expected)).all()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: st.mixed_word_problem(1.5, 2, 2, 0), "probability"),
+        (lambda: st.mixed_word_problem(-0.1, 2, 2, 0), "probability"),
+        (lambda: st.word_problem("S5", 0, 2, 0), "positive"),
+        (lambda: st.word_problem("S5", 2, -1, 0), "positive"),
+        (lambda: st.word_problem("S6", 2, 2, 0), "unknown group"),
+        (lambda: st.symmetric_group(6), "more than uint8"),
+    ],
+)
+def test_generator_rejects_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_accuracy():
+    labels = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.uint8)
+    predictions = torch.tensor([[1, 2, 0], [4, 0, 0]])
+    result = st.accuracy(predictions, labels)
+    assert torch.allclose(result.per_position, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    assert result.overall == pytest.approx(0.5)
+    logits = torch.nn.functional.one_hot(labels.long(), 8).float()
+    assert st.accuracy(logits, labels).overall == 1.0
+    with pytest.raises(ValueError, match="do not match"):
+        st.accuracy(predictions[:, :2], labels)
+
+
+def test_cli_writes_the_data(tmp_path, capsys):
+    output = tmp_path / "mixed.pt"
+    argv = ["--group", "mixed", "--p", "0.25", "--length", "12", "--num-samples", "10", "--seed", "4"]
+    st.main([*argv, "--output", str(output)])
+    saved = torch.load(output, weights_only=True)
+    tokens, labels = st.mixed_word_problem(0.25, 10, 12, seed=4)
+    assert torch.equal(saved["tokens"], tokens) and torch.equal(saved["labels"], labels)
+    assert saved["tokens"].dtype == saved["labels"].dtype == torch.uint8
+    metadata = saved["metadata"]
+    assert (metadata["group"], metadata["vocab_size"], metadata["p"], metadata["seed"]) == ("A5xM", 240, 0.25, 4)
+    assert metadata["hard_fraction"] == st.hard_mask(tokens).double().mean().item()
+    assert "A5xM" in capsys.readouterr().out
+
+
+def test_cli_module_entry_point(tmp_path):
+    output = tmp_path / "s5.pt"
+    command = [sys.executable, "-m", "eval.state_tracking", "--group", "S5", "--length", "5", "--num-samples", "3"]
+    result = subprocess.run([*command, "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(output, weights_only=True)
+    assert torch.equal(saved["tokens"], st.word_problem("S5", 3, 5, seed=0)[0])
+    assert saved["metadata"]["vocab_size"] == 120 and saved["metadata"]["p"] is None
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--group" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--group", "S6"], "invalid choice"),
+        (["--group", "mixed", "--p", "1.5"], "must be a probability"),
+        (["--group", "mixed", "--p", "-0.1"], "must be a probability"),
+        (["--group", "mixed"], "needs --p"),
+        (["--group", "A5", "--p", "0.5"], "mixed only"),
+        (["--group", "S5", "--length", "0"], "must be positive"),
+        (["--group", "S5", "--num-samples", "-3"], "must be positive"),
+    ],
+)
+def test_cli_bad_input_exits_2(arguments, message, tmp_path, capsys):
+    output = tmp_path / "data.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        st.main([*arguments, "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
