@@ -324,7 +324,7 @@ def run_metadata(args: argparse.Namespace, model: torch.nn.Module | None = None)
     return metadata
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
@@ -339,7 +339,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write `payload` as indented JSON; the file appears complete or not at all. NaN/inf are rejected."""
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    _atomic_write(Path(path), lambda temporary: temporary.write_text(text))
+    atomic_write(Path(path), lambda temporary: temporary.write_text(text))
     logger.info("Wrote %s", path)
 
 
@@ -348,7 +348,7 @@ def save_figure(figure: Any, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        _atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
+        atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(figure)
     logger.info("Wrote %s", path)

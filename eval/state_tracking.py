@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from eval.common import EvalError, _atomic_write, run_cli, run_metadata
+from eval.common import EvalError, atomic_write, run_cli, run_metadata
 
 DEGREE = 5
 # The aperiodic monoid of the reference (`aperiodic_semigroup`): row = left factor, column = right factor.
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metadata["token_layout"] = f"4 * a5_index + monoid_index (monoid {', '.join(APERIODIC_ELEMENTS)})"
         metadata["hard_fraction"] = hard_mask(tokens).double().mean().item()
     payload = {"tokens": tokens, "labels": labels, "metadata": metadata}
-    _atomic_write(args.output, lambda temporary: torch.save(payload, temporary))
+    atomic_write(args.output, lambda temporary: torch.save(payload, temporary))
     hard = f", {metadata['hard_fraction']:.2%} hard tokens" if args.group == "mixed" else ""
     print(
         f"{args.num_samples} x {args.length} tokens of {metadata['group']} (vocabulary {metadata['vocab_size']}"

@@ -1,0 +1,79 @@
+"""The bAbI-style story generator: consistent worlds, deterministic output, a closed vocabulary, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from eval import stories as st
+
+
+def replay(story: st.Story) -> dict[str, str | None]:
+    """Answers recomputed independently from the story text: track people and objects sentence by sentence."""
+    person_room, holder, object_room, answers = {}, {}, {}, {}
+    for sentence in (s.strip() for s in story.text().split(" .") if s.strip()):
+        words = sentence.split()
+        if words[0] == "the":  # opening: "the apple is in the kitchen"
+            object_room[words[1]] = words[-1]
+            continue
+        if words[0] == "where":  # "where is [the] X ? ANSWER"
+            entity = words[-3]
+            if entity in st.PEOPLE:
+                known = person_room.get(entity)
+            else:
+                known = person_room[holder[entity]] if entity in holder else object_room.get(entity)
+            assert words[-1] == known, (sentence, known)
+            answers[sentence] = known
+            continue
+        if len(words) >= 4 and words[1] == "went":
+            person_room[words[0]] = words[-1]
+        elif words[1] == "picked":
+            assert object_room.get(words[-1]) in (None, person_room[words[0]]), "picked up from another room"
+            holder[words[-1]] = words[0]
+        elif words[1] == "dropped":
+            assert holder.pop(words[-1]) == words[0], "dropped something not held"
+            object_room[words[-1]] = person_room[words[0]]
+    return answers
+
+
+def test_answers_follow_the_story():
+    for story in st.generate_stories(300, 1, 30, seed=1, questions=3):
+        replay(story)  # asserts every inline answer
+        assert story.questions[-1].events_before == len(story.events)
+        assert all(q.answer in st.ROOMS for q in story.questions)
+
+
+def test_prompt_ends_at_the_question():
+    story = st.generate_story(random.Random(0), 12, questions=3)
+    for question in story.questions:
+        prompt = story.prompt(question)
+        assert prompt.endswith(question.text)
+        assert story.text().startswith(prompt)
+        assert story.text()[len(prompt):].split()[0] == question.answer
+
+
+def test_deterministic_and_seed_dependent():
+    first = [s.text() for s in st.generate_stories(20, 3, 10, seed=5)]
+    assert first == [s.text() for s in st.generate_stories(20, 3, 10, seed=5)]
+    assert first != [s.text() for s in st.generate_stories(20, 3, 10, seed=6)]
+
+
+def test_tokenizer_covers_every_story():
+    tokenizer = st.build_tokenizer()
+    for story in st.generate_stories(50, 1, 20, seed=2):
+        ids = tokenizer(story.text())["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == story.text()
+
+
+def test_cli(tmp_path, capsys):
+    output = tmp_path / "stories.jsonl"
+    st.main(["--num-stories", "7", "--min-events", "2", "--max-events", "5", "--output", str(output)])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 7 and all(2 <= r["events"] <= 5 and "where is" in r["text"] for r in records)
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--min-events", "5", "--max-events", "2", "--output", str(tmp_path / "bad.jsonl")])
+    assert exit_info.value.code == 2 and "min_events <= max_events" in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
