@@ -9,6 +9,10 @@ ordinary causal LM:
     where is the apple ? garden .
 
     python -m eval.stories --num-stories 2000 --min-events 4 --max-events 24 --seed 0 --output stories.jsonl
+    python -m eval.stories --model DIR --lengths 4,8,16,32,64 --stories-per-length 50 --output-dir DIR
+
+The second form measures a trained LM: the accuracy of its greedy one-word answer to the final question, and the
+solver iterations it spent on the answer token, against story length (the paper's Figure 13c/d).
 
 Everything is seeded (`random.Random(seed)`), so the same arguments give the same corpus.
 """
@@ -22,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import EvalError, atomic_write, run_cli
+import torch
+from tqdm.auto import tqdm
+
+from .common import EvalError, atomic_write, load_model, new_figure, run_cli, run_metadata, save_figure, write_json
 
 PEOPLE = ("mary", "john", "sandra", "daniel")
 ROOMS = ("kitchen", "garden", "office", "bathroom", "bedroom", "hallway")
@@ -167,22 +174,105 @@ def build_tokenizer() -> Any:
                                    clean_up_tokenization_spaces=False)
 
 
+@torch.no_grad()
+def answer_accuracy(
+    model: torch.nn.Module, tokenizer: Any, lengths: list[int], stories_per_length: int, seed: int
+) -> list[dict[str, Any]]:
+    """For stories of each length (events), the fraction whose final question the model answers right (greedy next
+    word after the prompt) and, for implicit models, the solver iterations of the answer-predicting position when
+    the prompt is solved token by token (sequential mode)."""
+    from .common import config_overrides, is_implicit
+
+    results = []
+    for length in tqdm(lengths, desc="story lengths", unit="length"):
+        rng = random.Random(seed * 100_003 + length)
+        correct, iterations, prompt_tokens = 0, [], 0
+        for _ in range(stories_per_length):
+            story = generate_story(rng, length)
+            question = story.questions[-1]
+            ids = torch.tensor([tokenizer(story.prompt(question))["input_ids"]], device=model.device)
+            prompt_tokens += ids.shape[1]
+            mode = {"inference_mode": "sequential"} if is_implicit(model) else {}
+            with config_overrides(model, **mode):
+                output = model(ids, use_cache=False)
+            predicted = tokenizer.decode(output.logits[0, -1].argmax()).strip()
+            correct += predicted == question.answer
+            stats = getattr(output, "solver_stats", None)
+            if stats is not None:
+                iterations.append(stats.iterations[0, -1].item())
+        results.append({
+            "events": length,
+            "prompt_tokens_mean": prompt_tokens / stories_per_length,
+            "accuracy": correct / stories_per_length,
+            "answer_iterations_mean": sum(iterations) / len(iterations) if iterations else None,
+        })
+    return results
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    figure, axes = new_figure(columns=2)
+    left, right = axes[0]
+    events = [r["events"] for r in results]
+    left.plot(events, [r["accuracy"] for r in results], marker="o")
+    left.set_xlabel("story length (events)")
+    left.set_ylabel("answer accuracy")
+    left.set_ylim(0, 1.05)
+    left.grid(alpha=0.3)
+    if results[0]["answer_iterations_mean"] is not None:
+        right.plot(events, [r["answer_iterations_mean"] for r in results], marker="s", color="tab:red")
+    right.set_xlabel("story length (events)")
+    right.set_ylabel("solver iterations on the answer token")
+    right.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m eval.stories", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", help="evaluate this LM (Hub-layout folder with the story tokenizer) instead")
+    parser.add_argument("--lengths", default="4,8,16,32,64", help="story lengths (events) to evaluate")
+    parser.add_argument("--stories-per-length", type=int, default=50)
+    parser.add_argument("--output-dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--num-stories", type=int, default=1000)
     parser.add_argument("--min-events", type=int, default=4)
     parser.add_argument("--max-events", type=int, default=24)
     parser.add_argument("--questions", type=int, default=1, help="questions per story (the last after the end)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, required=True, help="JSONL: one {'text', 'events'} per story")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, help="JSONL: one {'text', 'events'} per story")
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.output is None):
+        parser.error("pass --output (generate a corpus) or --model (evaluate a model), not both")
+    return args
+
+
+def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        lengths = [int(part) for part in args.lengths.split(",")]
+    except ValueError as error:
+        raise EvalError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from error
+    if not lengths or min(lengths) < 1 or args.stories_per_length < 1:
+        raise EvalError("--lengths and --stories-per-length must be positive")
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise EvalError(f"{args.model} has no tokenizer: the story LM needs the story tokenizer saved beside it")
+    unknown = set(vocabulary()) - set(tokenizer.get_vocab())
+    if unknown:
+        raise EvalError(f"{args.model}'s tokenizer lacks story words {sorted(unknown)[:5]}: not a story LM")
+    results = answer_accuracy(model, tokenizer, lengths, args.stories_per_length, args.seed)
+    payload = {"results": results, "metadata": run_metadata(args, model)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(args.output_dir / "stories.json", payload)
+    plot(results, args.output_dir / "stories.png")
+    print("accuracy by story length: " + ", ".join(f"{r['events']}: {r['accuracy']:.2f}" for r in results))
+    return payload
 
 
 @run_cli
-def main(argv: list[str] | None = None) -> list[Story]:
+def main(argv: list[str] | None = None) -> list[Story] | dict[str, Any]:
     args = parse_args(argv)
+    if args.model is not None:
+        return evaluate_model(args)
     if args.num_stories < 1:
         raise EvalError(f"--num-stories must be positive, got {args.num_stories}")
     try:

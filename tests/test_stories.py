@@ -77,3 +77,23 @@ def test_cli(tmp_path, capsys):
         st.main(["--min-events", "5", "--max-events", "2", "--output", str(tmp_path / "bad.jsonl")])
     assert exit_info.value.code == 2 and "min_events <= max_events" in capsys.readouterr().err
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_model_evaluation_by_story_length(tmp_path, saved_models, capsys):
+    from conftest import tiny_mamba2
+
+    tokenizer = st.build_tokenizer()
+    model = tiny_mamba2(vocab_size=len(tokenizer), eval_max_iterations=50, tolerance=1e-4)
+    model.save_pretrained(tmp_path / "story-lm")
+    tokenizer.save_pretrained(tmp_path / "story-lm")
+    payload = st.main(["--model", str(tmp_path / "story-lm"), "--lengths", "2,6", "--stories-per-length", "3",
+                       "--output-dir", str(tmp_path / "out")])
+    results = payload["results"]
+    assert [r["events"] for r in results] == [2, 6]
+    assert results[1]["prompt_tokens_mean"] > results[0]["prompt_tokens_mean"]
+    assert all(0 <= r["accuracy"] <= 1 and r["answer_iterations_mean"] >= 1 for r in results)
+    assert (tmp_path / "out" / "stories.json").is_file() and (tmp_path / "out" / "stories.png").is_file()
+    # A model whose tokenizer does not know the story words is refused.
+    with pytest.raises(SystemExit):
+        st.main(["--model", str(saved_models["mamba2"]), "--output-dir", str(tmp_path / "bad")])
+    assert "not a story LM" in capsys.readouterr().err
