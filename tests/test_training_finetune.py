@@ -127,7 +127,7 @@ def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monke
     assert "does not exist" in error_of(*missing)
     (tmp_path / "tiny.txt").write_text("mary went")
     tiny = [a if a != str(workspace / "train.txt") else str(tmp_path / "tiny.txt") for a in base]
-    assert "fewer than one row" in error_of(*tiny)
+    assert "fewer than one sequence" in error_of(*tiny)
     (tmp_path / "bad_curriculum.json").write_text(json.dumps(
         {"phases": [{**CURRICULUM["phases"][0], "fraction": 0.5}, {**CURRICULUM["phases"][1], "fraction": 0.4}]}
     ))

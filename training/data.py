@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from eval.common import EvalError, check_token_range, read_tokens
+from eval.common import EvalError, check_token_range, pack, read_tokens
 
 
 class DataError(ValueError):
@@ -30,12 +30,9 @@ def packed_rows(
     try:
         tokens = read_tokens(path, tokenizer, text_field)
         check_token_range(tokens, vocab_size, str(path))
+        return pack(tokens, seq_len, None, str(path))
     except EvalError as error:
         raise DataError(str(error)) from error
-    if tokens.numel() < seq_len:
-        raise DataError(f"{path} has {tokens.numel()} tokens, fewer than one row of --seq-len {seq_len}")
-    rows = tokens.numel() // seq_len
-    return tokens[: rows * seq_len].view(rows, seq_len)
 
 
 class RowStream:
