@@ -146,3 +146,29 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
 def saved_model(saved_models, family) -> Path:
     """The saved tiny model of the family under test (see `saved_models`)."""
     return saved_models[family]
+
+
+@pytest.fixture(scope="session")
+def explicit_baseline(tmp_path_factory) -> Path:
+    """A Hub-layout folder of a tiny transformers `LlamaForCausalLM` (not ours) with the test tokenizer: the
+    baseline that evaluation commands must handle without solver options or statistics."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("explicit-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

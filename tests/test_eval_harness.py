@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import ROOT, build_tokenizer
+from conftest import ROOT
 
 pytest.importorskip("lm_eval")
 
@@ -23,31 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Fixed-point solver did not conve
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def explicit_model(tmp_path_factory):
-    """A tiny transformers `LlamaForCausalLM` (not ours) with the test tokenizer: the baseline case."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("explicit-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run(tmp_path, model, *options: str) -> dict:
@@ -133,8 +107,8 @@ def test_include_path_tag(saved_models, tmp_path):
     assert tasks["extra_tag"]["solver_stats"]["per_sequence"]["count"] == 4  # 2 examples x 2 choices
 
 
-def test_explicit_baseline(explicit_model, tmp_path):
-    payload = run(tmp_path, explicit_model, "--tasks", "local", "--limit", "2")
+def test_explicit_baseline(explicit_baseline, tmp_path):
+    payload = run(tmp_path, explicit_baseline, "--tasks", "local", "--limit", "2")
     model = payload["metadata"]["model"]
     assert model["model_type"] == "llama" and not model["implicit"] and "solver" not in model
     check_metrics(payload["tasks"], LOCAL_TASKS, limit=2)
@@ -155,10 +129,10 @@ def test_unknown_task(saved_models, capsys):
     assert "Local tasks: " + ", ".join(LOCAL_TASKS) in error and "Traceback" not in error
 
 
-def test_bad_model(explicit_model, tmp_path, capsys):
+def test_bad_model(explicit_baseline, tmp_path, capsys):
     error = exit_message(capsys, ["--model", str(tmp_path / "missing"), "--tasks", "local"])
     assert "does not exist" in error
-    error = exit_message(capsys, ["--model", str(explicit_model), "--tasks", "local", "--eval-max-iterations", "4"])
+    error = exit_message(capsys, ["--model", str(explicit_baseline), "--tasks", "local", "--eval-max-iterations", "4"])
     assert "'llama' model, not an implicit one" in error and "eval_max_iterations" in error
 
 

@@ -25,21 +25,6 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def explicit_baseline(tmp_path_factory):
-    """A plain transformers Llama with the tiny tokenizer: not ours, still a valid perplexity baseline."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    folder = tmp_path_factory.mktemp("explicit")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def run(command, argv, capsys=None):
     return command.main([str(a) for a in argv])
 
