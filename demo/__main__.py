@@ -1,128 +1,176 @@
-"""Main job: an implicit Mamba2 (or, with `--family llama`, an implicit Llama) end to end through transformers.
+"""Main job: the trained models bundled under `models/`, end to end through transformers, offline.
 
-Until trained default models ship with the package, this builds a small implicit model with RANDOM weights and a
-byte-level tokenizer, saves them as a Hub-layout folder (config with auto_map, safetensors, remote code, tokenizer),
-reloads the folder with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, checks that the
-simultaneous and sequential modes agree, and generates with `pipeline("text-generation")`, reporting how many
-solver iterations each generated token took. The generated text is noise: the weights are untrained.
+1. State tracking (the paper's Figure 1 right, at small scale): an implicit Mamba2 and a larger explicit Mamba2, both
+   trained on A5 word problems of length <= 32 only, answer fresh problems of lengths 32 to 256. Per-token accuracy
+   vs length in sequential and simultaneous mode, and the solver iterations per token, as a table and a PNG; then
+   both through `pipeline("text-generation")`, asked for the product of 200 permutations.
+2. The tiny implicit story LM answers "where is ...?" questions about freshly generated stories through
+   `pipeline("text-generation")`, with the solver iterations it spent on each answer.
+
+Every model is loaded with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the remote code in
+each folder, not this package's classes). Figures go to `outputs/demo/` (`demo.json`, `state_tracking.png`).
+`python -m demo.random_model` is the former main job: a random-weight model through the same APIs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import modeling_implicit as mi  # noqa: E402
+from eval.common import SolverStatsRecorder, write_json  # noqa: E402
+from eval.state_tracking import (  # noqa: E402
+    element_names,
+    format_table,
+    length_generalization,
+    plot_length_generalization,
+    word_problem,
+)
+from eval.stories import generate_story  # noqa: E402
+
+STATE_TRACKING_MODELS = ("implicit-mamba2-a5", "mamba2-4layer-a5")
+STORY_MODEL = "implicit-mamba2-stories"
+# Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
+DEMO_SEED = 2026
 
 
-def byte_level_tokenizer():
-    """A tokenizer over the 256 bytes plus <pad>, <s>, </s>: covers any text, needs no training or download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def load_bundled(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
 
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {token: index for index, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: {folder} is not a model folder; the bundled models live in models/ of the repo "
+                         "(python -m training.state_tracking_experiment / stories_experiment --bundle-dir models "
+                         "rebuild them)")
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 
-def build_random_model(
-    tokenizer, args: argparse.Namespace
-) -> mi.ImplicitMamba2ForCausalLM | mi.ImplicitLlamaForCausalLM:
-    torch.manual_seed(args.seed)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        solver=args.solver,
-        tolerance=args.tolerance,
-        eval_max_iterations=args.max_iterations,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if args.family == "llama":
-        config = mi.ImplicitLlamaConfig(
-            intermediate_size=2 * args.hidden_size, num_attention_heads=4, num_key_value_heads=2, **common
-        )
-        return mi.ImplicitLlamaForCausalLM(config)
-    config = mi.ImplicitMamba2Config(state_size=16, head_dim=16, chunk_size=64, **common)
-    return mi.ImplicitMamba2ForCausalLM(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="Implicit language models are")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--family", choices=["mamba2", "llama"], default="mamba2")
-    parser.add_argument("--output-dir", type=Path, help="defaults to outputs/demo-implicit-<family>")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--solver", choices=["picard", "anderson"], default="anderson")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--max-iterations", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be >= 1")
-    if args.output_dir is None:
-        args.output_dir = ROOT / "outputs" / f"demo-implicit-{args.family}"
-
-    from transformers import AutoModelForCausalLM, pipeline
-
-    print("NOTE: no trained default model ships yet; this model has RANDOM weights, so its text is noise.")
-    tokenizer = byte_level_tokenizer()
-    model = build_random_model(tokenizer, args)
-    model.generation_config.max_new_tokens = args.max_new_tokens
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Saved a {n_params / 1e3:.0f}K-parameter {type(model).__name__} with remote code to {args.output_dir}")
-
-    loaded = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True).eval()
-    print(f"Reloaded with AutoModelForCausalLM(trust_remote_code=True): {type(loaded).__name__}")
-
-    tokens = tokenizer(args.prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        simultaneous = loaded(tokens, use_cache=False)
-        loaded.config.inference_mode = "sequential"
-        sequential = loaded(tokens, use_cache=False)
-        loaded.config.inference_mode = "simultaneous"
-    gap = (simultaneous.logits - sequential.logits).abs().max().item()
+def state_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    print(f"== State tracking: A5 word problems, trained on length <= 32, {args.num_samples} fresh sequences per "
+          "length ==")
+    results = {}
+    for name in STATE_TRACKING_MODELS:
+        folder = args.models_dir / name
+        model = load_bundled(folder)
+        recorded = json.loads((folder / "state_tracking.json").read_text())
+        start = time.perf_counter()
+        rows = length_generalization(model, recorded["group"], args.lengths, args.num_samples, seed=DEMO_SEED)
+        results[name] = {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
+                         "implicit": recorded["implicit"], "seconds": time.perf_counter() - start}
+        print(f"{name}: {type(model).__name__} loaded with AutoModelForCausalLM(trust_remote_code=True), "
+              f"{results[name]['parameters']:,} parameters, evaluated in {results[name]['seconds']:.0f} s")
+    print()
+    print(format_table(results))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    plot_length_generalization(results, args.output_dir / "state_tracking.png", train_length=32)
+    implicit = [row for row in results[STATE_TRACKING_MODELS[0]]["rows"] if row["mode"] == "sequential"]
     print(
-        f"Duality on the prompt ({tokens.shape[1]} tokens): max |logit difference| simultaneous vs sequential = "
-        f"{gap:.2e}; simultaneous solve took {simultaneous.solver_stats.iterations.item()} iterations, "
-        f"sequential mean {sequential.solver_stats.iterations.float().mean().item():.1f} per token"
+        "\nIterations per token (implicit, sequential mode): "
+        + ", ".join(f"{row['iterations_mean']:.1f} at length {row['length']}" for row in implicit)
+        + " -- constant in the length: each token is one fixed-point solve against the committed state."
     )
+    print(f"Plot: {args.output_dir / 'state_tracking.png'}")
 
-    per_token_iterations: list[int] = []
+    # The same models as text generators: the tokenizer's words are the elements in one-line notation, and the
+    # word generated after a sequence of permutations is their product.
+    from transformers import pipeline
 
-    def record(module, inputs, output):
-        if output.solver_stats is not None and output.solver_stats.iterations.dim() == 2:
-            per_token_iterations.extend(output.solver_stats.iterations.flatten().tolist())
+    tokens, labels = word_problem("A5", args.pipeline_prompts, args.pipeline_length, DEMO_SEED + 1)
+    print(f"\npipeline('text-generation'): the product of {args.pipeline_length} A5 permutations, "
+          f"{args.pipeline_prompts} prompts")
+    for name in STATE_TRACKING_MODELS:
+        generator = pipeline("text-generation", model=str(args.models_dir / name), trust_remote_code=True,
+                             device="cpu")
+        names = element_names("A5")
+        right = 0
+        for index in range(args.pipeline_prompts):
+            prompt = " ".join(names[token] for token in tokens[index].tolist())
+            output = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)
+            answer, expected = output[0]["generated_text"].strip(), names[labels[index, -1].item()]
+            right += answer == expected
+            if index == 0:
+                print(f"  {name}: '{prompt[:23]} ... {prompt[-17:]}' -> {answer} (product {expected})")
+        print(f"  {name}: {right} of {args.pipeline_prompts} products right")
+        results[name]["pipeline_products_right"] = right
+    print()
+    return results
 
-    hook = loaded.base_model.register_forward_hook(record)
-    generator = pipeline("text-generation", model=loaded, tokenizer=tokenizer, device="cpu")
+
+def stories(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import pipeline
+
+    print(f"== Story LM through pipeline('text-generation'): {args.stories} fresh stories ==")
+    folder = args.models_dir / STORY_MODEL
+    generator = pipeline("text-generation", model=str(folder), trust_remote_code=True, device="cpu")
+    rng = random.Random(DEMO_SEED)
+    answers = []
+    for index in range(args.stories):
+        story = generate_story(rng, rng.choice(args.story_events))
+        question = story.questions[-1]
+        prompt = story.prompt(question)
+        with SolverStatsRecorder(generator.model) as recorder:
+            text = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
+        answer = text.strip()
+        stats = recorder.summary()
+        solve = stats["per_token"] or stats["per_sequence"]
+        answers.append({"events": len(story.events), "question": question.text, "answer": answer,
+                        "expected": question.answer, "correct": answer == question.answer,
+                        "iterations_mean": solve["iterations_mean"] if solve else None})
+        if index < args.show:
+            shown = prompt if len(prompt) < 220 else prompt[:100] + " ... " + prompt[-110:]
+            mark = "right" if answer == question.answer else f"wrong, expected {question.answer}"
+            print(f"[{len(story.events)} events] {shown}\n    -> {answer} ({mark})")
+    correct = sum(a["correct"] for a in answers)
+    print(f"\nStory LM answered {correct} of {len(answers)} questions right ({correct / len(answers):.0%}; "
+          f"stories of {min(args.story_events)}-{max(args.story_events)} events, answers are one of 6 rooms).")
+    iterations = [a["iterations_mean"] for a in answers if a["iterations_mean"] is not None]
+    if iterations:
+        print(f"Solver iterations per token while reading the stories and answering: mean "
+              f"{sum(iterations) / len(iterations):.1f}")
+    return {"accuracy": correct / len(answers), "answers": answers}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models", help="the bundled models (models/)")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "demo")
+    parser.add_argument("--lengths", default="32,64,128,256", help="state-tracking test lengths")
+    parser.add_argument("--num-samples", type=int, default=128, help="state-tracking sequences per length")
+    parser.add_argument("--pipeline-length", type=int, default=200, help="permutations per pipeline prompt")
+    parser.add_argument("--pipeline-prompts", type=int, default=10, help="word problems given to the pipeline")
+    parser.add_argument("--stories", type=int, default=30, help="story questions to ask")
+    parser.add_argument("--story-events", default="4,8,16", help="story lengths (events) to draw from")
+    parser.add_argument("--show", type=int, default=3, help="stories printed in full")
+    args = parser.parse_args(argv)
+    try:
+        args.lengths = [int(part) for part in args.lengths.split(",")]
+        args.story_events = [int(part) for part in args.story_events.split(",")]
+    except ValueError:
+        parser.error("--lengths and --story-events take comma-separated integers")
+    counts = (args.num_samples, args.stories, args.pipeline_length, args.pipeline_prompts)
+    if min(args.lengths) < 1 or min(args.story_events) < 1 or min(counts) < 1:
+        parser.error("lengths, --num-samples, --stories and the --pipeline-* counts must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
     start = time.perf_counter()
-    text = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)[0]["generated_text"]
-    elapsed = time.perf_counter() - start
-    hook.remove()
-    print(f"Generated (greedy, {args.max_new_tokens} new tokens, {args.max_new_tokens / elapsed:.1f} tokens/s):")
-    print(repr(text))
-    if per_token_iterations:
-        mean = sum(per_token_iterations) / len(per_token_iterations)
-        print(f"Solver iterations per decoded token: mean {mean:.1f}, max {max(per_token_iterations)}")
+    payload = {"state_tracking": state_tracking(args), "stories": stories(args)}
+    payload["seconds"] = time.perf_counter() - start
+    write_json(args.output_dir / "demo.json", payload)
+    print(f"\nDone in {payload['seconds']:.0f} s; figures in {args.output_dir}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ identity, after which the A5 part is uniform over all 60 elements. Its files fol
 
 Tokens and labels are stored as uint8. `python -m eval.state_tracking --group mixed --p 0.1 --length 256
 --num-samples 4096 --seed 0 --output test.pt` writes them with their metadata (`torch.load(path)`).
+
+Length generalisation (the paper's Figure 1 right and Figure 3): `--model DIR` (repeatable) evaluates trained models
+on fresh word problems of each of `--lengths`, in sequential mode (token by token, each token iterated to its fixed
+point: how the model runs as an RNN) and simultaneous mode (the whole sequence solved at once), and reports per-token
+accuracy and solver iterations per length as a table, `length_generalization.json` and `length_generalization.png`:
+
+    python -m eval.state_tracking --model models/implicit-mamba2-a5 --model models/mamba2-a5-4layer --group A5 \
+        --lengths 32,64,128,256 --num-samples 256 --output-dir eval_results
 """
 
 from __future__ import annotations
@@ -41,8 +49,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
-from eval.common import EvalError, atomic_write, run_cli, run_metadata
+from eval.common import (
+    EvalError,
+    atomic_write,
+    config_overrides,
+    is_implicit,
+    load_model,
+    new_figure,
+    run_cli,
+    run_metadata,
+    save_figure,
+    write_json,
+)
 
 DEGREE = 5
 # The aperiodic monoid of the reference (`aperiodic_semigroup`): row = left factor, column = right factor.
@@ -55,6 +75,10 @@ APERIODIC_TABLE = (
     (3, 3, 3, 3),  # X
 )
 GROUPS = ("S5", "A5", "mixed")
+MODES = ("sequential", "simultaneous")
+# Test sets of different lengths are drawn with different seeds (seed + LENGTH_SEED_STRIDE * length), so a longer
+# test set is not an extension of a shorter one.
+LENGTH_SEED_STRIDE = 7919
 
 
 @dataclass(frozen=True)
@@ -174,6 +198,29 @@ def get_monoid(name: str) -> FiniteMonoid:
     return builders[name]()
 
 
+def element_names(group: str) -> list[str]:
+    """One word per element, in token-id order: a permutation in one-line notation for S5 and A5 (`"01234"` the
+    identity, `"12034"` the cycle 0 -> 1 -> 2 -> 0), and for the mixed set the A5 element's word followed by the monoid
+    element's letter (`"01234E"`, token `4 * g + m`)."""
+    if group == "mixed":
+        return [f"{word}{letter}" for word in element_names("A5") for letter in APERIODIC_ELEMENTS]
+    return ["".join(map(str, row)) for row in get_monoid(group).permutations.tolist()]
+
+
+def build_tokenizer(group: str) -> Any:
+    """A word-level tokenizer over `element_names(group)` whose token ids are the element indices, so that the text
+    `"01342 12034 ..."` is a word problem (and `pipeline("text-generation")` reads and writes elements). It has no
+    special tokens: the vocabulary is exactly the group's; an unknown word is an error, not a silent `<unk>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = element_names(group)
+    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False)
+
+
 def _check_sizes(num_samples: int, length: int) -> None:
     if num_samples < 1 or length < 1:
         raise ValueError(f"num_samples and length must be positive, got {num_samples} and {length}")
@@ -235,6 +282,173 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> Accuracy:
     return Accuracy(correct.mean(0), correct.mean().item())
 
 
+def sample(group: str, num_samples: int, length: int, seed: int, p: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word problems of a data set name: `word_problem` for S5/A5, `mixed_word_problem` (needs `p`) for mixed."""
+    if group == "mixed":
+        if p is None:
+            raise ValueError("the mixed data set needs p, the probability of a hard A5 element")
+        return mixed_word_problem(p, num_samples, length, seed)
+    if p is not None:
+        raise ValueError(f"p applies to the mixed data set only, not {group}")
+    return word_problem(group, num_samples, length, seed)
+
+
+@torch.no_grad()
+def length_generalization(
+    model: torch.nn.Module,
+    group: str,
+    lengths: list[int],
+    num_samples: int,
+    seed: int = 0,
+    p: float | None = None,
+    modes: tuple[str, ...] = MODES,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Accuracy and solver iterations of `model` on fresh word problems of each length, in each inference mode.
+
+    One row per (length, mode): `accuracy` (per token, over every position of every sample), `sequence_accuracy`
+    (samples with every position right), `final_accuracy` (the last position only), and for implicit models the
+    solver iterations: per token in sequential mode, per whole-sequence solve in simultaneous mode
+    (`iterations_mean`, `iterations_max`, `converged_fraction`). Explicit models report `None` iterations.
+    """
+    size = get_monoid(group).size
+    if size > model.config.vocab_size:
+        raise ValueError(f"{group} has {size} elements, more than the model's vocabulary ({model.config.vocab_size})")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}: choose from {MODES}")
+    device = next(model.parameters()).device
+    rows = []
+    progress = tqdm(total=len(lengths) * len(modes), desc="lengths x modes", unit="eval", leave=False, disable=None)
+    for length in lengths:
+        tokens, labels = sample(group, num_samples, length, seed + LENGTH_SEED_STRIDE * length, p)
+        for mode in modes:
+            correct, iterations, converged = [], [], []
+            for start in range(0, num_samples, batch_size):
+                batch = tokens[start : start + batch_size].long().to(device)
+                with config_overrides(model, inference_mode=mode):
+                    output = model(input_ids=batch, use_cache=False)
+                correct.append(output.logits.argmax(-1).cpu() == labels[start : start + batch_size].long())
+                stats = getattr(output, "solver_stats", None)
+                if stats is not None and is_implicit(model):
+                    iterations.append(stats.iterations.flatten().cpu().double())
+                    converged.append(stats.converged.flatten().cpu())
+            correct = torch.cat(correct).double()
+            row = {
+                "length": length,
+                "mode": mode,
+                "accuracy": correct.mean().item(),
+                "sequence_accuracy": correct.min(1).values.mean().item(),
+                "final_accuracy": correct[:, -1].mean().item(),
+                "iterations_mean": None,
+                "iterations_max": None,
+                "converged_fraction": None,
+            }
+            if iterations:
+                iterations = torch.cat(iterations)
+                row.update(iterations_mean=iterations.mean().item(), iterations_max=int(iterations.max().item()),
+                           converged_fraction=torch.cat(converged).float().mean().item())
+            rows.append(row)
+            progress.update()
+    progress.close()
+    return rows
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one line per (model, mode), per-token accuracy at each length, then mean iterations."""
+    lengths = sorted({row["length"] for entry in results.values() for row in entry["rows"]})
+    header = ["model", "params", "mode", *[f"acc@{n}" for n in lengths], *[f"iters@{n}" for n in lengths]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in results.items():
+        for mode in dict.fromkeys(row["mode"] for row in entry["rows"]):
+            by_length = {row["length"]: row for row in entry["rows"] if row["mode"] == mode}
+            accuracies = [f"{by_length[n]['accuracy']:.3f}" if n in by_length else "" for n in lengths]
+            iterations = [
+                f"{by_length[n]['iterations_mean']:.1f}" if by_length.get(n, {}).get("iterations_mean") is not None
+                else "-" for n in lengths
+            ]
+            lines.append(f"| {name} | {entry['parameters'] / 1e3:.0f}K | {mode} | " + " | ".join(
+                accuracies + iterations) + " |")
+    return "\n".join(lines)
+
+
+def plot_length_generalization(results: dict[str, dict[str, Any]], path: Path, train_length: int | None = None
+                               ) -> None:
+    """Accuracy vs length (left; solid sequential, dashed simultaneous) and solver iterations vs length (right:
+    per token in sequential mode, per sequence solve in simultaneous mode) for every model, like Figure 1 right."""
+    figure, axes = new_figure(columns=2)
+    left, right = axes[0]
+    styles = {"sequential": "-", "simultaneous": "--"}
+    for index, (name, entry) in enumerate(results.items()):
+        color = f"C{index}"
+        for mode in dict.fromkeys(row["mode"] for row in entry["rows"]):
+            rows = [row for row in entry["rows"] if row["mode"] == mode]
+            lengths = [row["length"] for row in rows]
+            left.plot(lengths, [row["accuracy"] for row in rows], styles[mode], marker="o", color=color,
+                      label=f"{name} ({mode})")
+            if rows[0]["iterations_mean"] is not None:
+                right.plot(lengths, [row["iterations_mean"] for row in rows], styles[mode], marker="s", color=color,
+                           label=f"{name} ({'per token' if mode == 'sequential' else 'per sequence'})")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length")
+        axis.grid(alpha=0.3)
+        if train_length is not None:
+            axis.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
+    left.set_ylabel("per-token accuracy")
+    left.set_ylim(0, 1.02)
+    right.set_ylabel("solver iterations")
+    left.legend(fontsize=7)
+    if right.lines:
+        right.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def model_labels(folders: list[str]) -> dict[str, str]:
+    """A short, unique label per model folder: its name, or `parent/name` where names repeat (`run/final`)."""
+    names = [Path(folder).name for folder in folders]
+    labels = {}
+    for folder, name in zip(folders, names):
+        label = name if names.count(name) == 1 else f"{Path(folder).parent.name}/{name}"
+        if label in labels:
+            raise EvalError(f"--model {folder} is given twice (or two folders share the label {label!r})")
+        labels[label] = folder
+    return labels
+
+
+def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
+    """`--model` mode of the CLI: length generalisation of every model, as JSON, PNG and a printed table."""
+    try:
+        lengths = [int(part) for part in args.lengths.split(",")]
+    except ValueError as error:
+        raise EvalError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from error
+    if not lengths or min(lengths) < 1:
+        raise EvalError(f"--lengths must be positive, got {args.lengths!r}")
+    modes = tuple(part.strip() for part in args.modes.split(","))
+    if not modes or set(modes) - set(MODES):
+        raise EvalError(f"--modes {args.modes!r}: choose from {','.join(MODES)}")
+    num_samples = 256 if args.num_samples is None else args.num_samples
+    results: dict[str, dict[str, Any]] = {}
+    for name, folder in model_labels(args.model).items():
+        model, _ = load_model(folder, device=args.device)
+        try:
+            rows = length_generalization(model, args.group, lengths, num_samples, args.seed, args.p, modes,
+                                         args.batch_size)
+        except ValueError as error:
+            raise EvalError(f"{folder}: {error}") from error
+        results[name] = {"path": str(folder), "parameters": sum(p.numel() for p in model.parameters()),
+                         "implicit": is_implicit(model), "rows": rows}
+    payload = {"group": args.group, "p": args.p, "num_samples": num_samples, "seed": args.seed,
+               "results": results, "metadata": run_metadata(args)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(args.output_dir / "length_generalization.json", payload)
+    plot_length_generalization(results, args.output_dir / "length_generalization.png", args.train_length)
+    print(format_table(results))
+    print(f"wrote {args.output_dir / 'length_generalization.json'} and length_generalization.png")
+    return payload
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.state_tracking", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,34 +456,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", required=True, choices=GROUPS, help="S5, A5, or mixed (D_p over A5 x M)")
     parser.add_argument("--p", type=float, help="mixed only: probability of a hard (non-identity) A5 element")
     parser.add_argument("--length", type=int, default=64, help="tokens per sample (default 64)")
-    parser.add_argument("--num-samples", type=int, default=1000, help="sequences to draw (default 1000)")
+    parser.add_argument("--num-samples", type=int, help="sequences to draw (default 1000; with --model: 256/length)")
     parser.add_argument("--seed", type=int, default=0, help="of the torch.Generator (default 0)")
-    parser.add_argument("--output", type=Path, required=True, help=".pt file for tokens, labels and metadata")
+    parser.add_argument("--output", type=Path, help=".pt file for tokens, labels and metadata")
+    evaluation = parser.add_argument_group("evaluating trained models (instead of --output)")
+    evaluation.add_argument("--model", action="append", help="Hub-layout model folder; repeat to compare models")
+    evaluation.add_argument("--lengths", default="32,64,128,256", help="comma-separated test lengths")
+    evaluation.add_argument("--modes", default=",".join(MODES), help="inference modes (default: both)")
+    evaluation.add_argument("--batch-size", type=int, default=64, help="sequences per forward (default 64)")
+    evaluation.add_argument("--train-length", type=int, help="marks the training length on the plot")
+    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.add_argument("--output-dir", type=Path, default=Path("eval_results"))
     return parser
 
 
 @run_cli
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Generate and save a data set; input errors exit with status 2 (`run_cli`). Returns what was saved."""
+    """Generate and save a data set, or (`--model`) evaluate models; input errors exit with status 2 (`run_cli`).
+    Returns what was saved."""
     args = build_parser().parse_args(argv)
-    if args.num_samples < 1 or args.length < 1:
-        raise EvalError(f"--num-samples {args.num_samples} and --length {args.length} must be positive")
+    if (args.model is None) == (args.output is None):
+        raise EvalError("pass --output (generate a data set) or --model (evaluate models), not both")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise EvalError(f"--num-samples {args.num_samples} must be positive")
     if args.group == "mixed":
         if args.p is None:
             raise EvalError("--group mixed needs --p, the probability of a hard A5 element")
         if not 0 <= args.p <= 1:
             raise EvalError(f"--p {args.p}: must be a probability in [0, 1]")
-        tokens, labels = mixed_word_problem(args.p, args.num_samples, args.length, args.seed)
-    else:
-        if args.p is not None:
-            raise EvalError(f"--p applies to --group mixed only, not {args.group}")
-        tokens, labels = word_problem(args.group, args.num_samples, args.length, args.seed)
+    elif args.p is not None:
+        raise EvalError(f"--p applies to --group mixed only, not {args.group}")
+    if args.model is not None:
+        if args.batch_size < 1:
+            raise EvalError(f"--batch-size {args.batch_size} must be positive")
+        return evaluate_models(args)
+    if args.length < 1:
+        raise EvalError(f"--length {args.length} must be positive")
+    num_samples = 1000 if args.num_samples is None else args.num_samples
+    tokens, labels = sample(args.group, num_samples, args.length, args.seed, args.p)
 
     metadata = {
         "group": get_monoid(args.group).name,
         "vocab_size": get_monoid(args.group).size,
         "p": args.p,
-        "num_samples": args.num_samples,
+        "num_samples": num_samples,
         "length": args.length,
         "seed": args.seed,
         "composition": "(a * b)(i) = a(b(i)); labels[t] = tokens[0] * ... * tokens[t]",
@@ -283,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write(args.output, lambda temporary: torch.save(payload, temporary))
     hard = f", {metadata['hard_fraction']:.2%} hard tokens" if args.group == "mixed" else ""
     print(
-        f"{args.num_samples} x {args.length} tokens of {metadata['group']} (vocabulary {metadata['vocab_size']}"
+        f"{num_samples} x {args.length} tokens of {metadata['group']} (vocabulary {metadata['vocab_size']}"
         f"{hard}) -> {args.output}"
     )
     return payload

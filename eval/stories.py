@@ -209,21 +209,40 @@ def answer_accuracy(
     return results
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Answer accuracy (left) and solver iterations on the answer token (right) vs story length, one line per model
+    (`results`: label -> `answer_accuracy` rows), like the paper's Figure 13c/d."""
     figure, axes = new_figure(columns=2)
     left, right = axes[0]
-    events = [r["events"] for r in results]
-    left.plot(events, [r["accuracy"] for r in results], marker="o")
-    left.set_xlabel("story length (events)")
+    for index, (label, rows) in enumerate(results.items()):
+        events = [r["events"] for r in rows]
+        left.plot(events, [r["accuracy"] for r in rows], marker="o", color=f"C{index}", label=label)
+        if rows[0]["answer_iterations_mean"] is not None:
+            right.plot(events, [r["answer_iterations_mean"] for r in rows], marker="s", color=f"C{index}",
+                       label=label)
     left.set_ylabel("answer accuracy")
     left.set_ylim(0, 1.05)
-    left.grid(alpha=0.3)
-    if results[0]["answer_iterations_mean"] is not None:
-        right.plot(events, [r["answer_iterations_mean"] for r in results], marker="s", color="tab:red")
-    right.set_xlabel("story length (events)")
+    left.legend(fontsize=8)
     right.set_ylabel("solver iterations on the answer token")
-    right.grid(alpha=0.3)
+    if right.lines:
+        right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.set_xlabel("story length (events)")
+        axis.grid(alpha=0.3)
     save_figure(figure, path)
+
+
+def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: one line per model, answer accuracy and answer-token iterations at each story length."""
+    lengths = [r["events"] for r in next(iter(results.values()))]
+    header = ["model", *[f"acc@{n}" for n in lengths], *[f"iters@{n}" for n in lengths]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, rows in results.items():
+        accuracy = [f"{r['accuracy']:.2f}" for r in rows]
+        iterations = [f"{r['answer_iterations_mean']:.1f}" if r["answer_iterations_mean"] is not None else "-"
+                      for r in rows]
+        lines.append("| " + " | ".join([label, *accuracy, *iterations]) + " |")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -263,8 +282,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"results": results, "metadata": run_metadata(args, model)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.output_dir / "stories.json", payload)
-    plot(results, args.output_dir / "stories.png")
-    print("accuracy by story length: " + ", ".join(f"{r['events']}: {r['accuracy']:.2f}" for r in results))
+    plot({Path(args.model).name: results}, args.output_dir / "stories.png")
+    print(format_table({Path(args.model).name: results}))
     return payload
 
 

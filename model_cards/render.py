@@ -173,6 +173,38 @@ def render_model_card(
     return re.sub(r"\n{3,}", "\n\n", card)
 
 
+def render_demo_model_card(
+    config: ImplicitPretrainedConfig,
+    *,
+    model_name: str,
+    summary: str,
+    task: str,
+    usage: str,
+    results: str,
+    command: str,
+    tags: tuple[str, ...] = (),
+) -> str:
+    """Render the README.md of a small model trained by one of the package's experiments (the bundled models under
+    `models/`): what it is, the task it was trained on, how to use it, its config and solver, and its measured
+    results with the command that reproduces them. Raises `ValueError` for a config that is not ours."""
+    family_key = _FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if family_key is None:
+        raise ValueError(f"Expected an implicit Mamba2 or Llama config; got model_type {config.model_type!r}.")
+    family = _FAMILIES[family_key]
+    metadata = _metadata(family, config, "mit", None, None)
+    if tags:
+        card_data = ModelCardData(**yaml.safe_load(metadata))
+        card_data.tags = [*card_data.tags, *tags]
+        metadata = card_data.to_yaml()
+    template = Template(resources.files(__package__).joinpath("demo_model.md").read_text(encoding="utf-8"))
+    card = template.substitute(
+        metadata=metadata, model_name=model_name, summary=summary, task=task, usage=usage,
+        config_table=_config_table(family, config), solver_section=_solver_section(config), results=results,
+        command=command,
+    )
+    return re.sub(r"\n{3,}", "\n\n", card)
+
+
 def validate_model_card(text: str) -> dict[str, Any]:
     """Parse a model card offline and check the metadata the Hub needs to list and load the model.
 
@@ -198,7 +230,7 @@ def validate_model_card(text: str) -> dict[str, Any]:
 
 
 def _metadata(
-    family: _Family, config: ImplicitPretrainedConfig, license: str, datasets: list[str], base_model: str | None
+    family: _Family, config: ImplicitPretrainedConfig, license: str, datasets: list[str] | None, base_model: str | None
 ) -> str:
     kind_tag = "deep-equilibrium" if config.implicit else "explicit-baseline"
     card_data = ModelCardData(

@@ -1,8 +1,8 @@
-"""The README's main job runs end to end for both families."""
+"""`python -m demo.random_model` runs end to end for both families."""
 
 import json
 
-from demo.__main__ import main
+from demo.random_model import main
 
 
 def test_main_job_runs_end_to_end(tmp_path, family, capsys):

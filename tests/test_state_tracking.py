@@ -258,3 +258,113 @@ def test_cli_bad_input_exits_2(arguments, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the running product exactly, except at positions >= `wrong_from` (predicts a wrong element)."""
+
+    def __init__(self, group: str, wrong_from: int):
+        super().__init__()
+        self.monoid, self.wrong_from = st.get_monoid(group), wrong_from
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"vocab_size": 64, "inference_mode": "simultaneous", "model_type": "oracle"})()
+        self.modes_seen = []
+
+    def forward(self, input_ids, use_cache=False):
+        self.modes_seen.append(self.config.inference_mode)
+        labels = self.monoid.running_product(input_ids.to(torch.uint8)).long()
+        labels[:, self.wrong_from :] = (labels[:, self.wrong_from :] + 1) % self.monoid.size
+        return type("Output", (), {"logits": torch.nn.functional.one_hot(labels, 64).float(), "solver_stats": None})
+
+
+def test_length_generalization_metrics_on_an_oracle():
+    oracle = Oracle("A5", wrong_from=30)
+    rows = st.length_generalization(oracle, "A5", [20, 40], num_samples=5, batch_size=2)
+    assert [(r["length"], r["mode"]) for r in rows] == [(20, "sequential"), (20, "simultaneous"),
+                                                         (40, "sequential"), (40, "simultaneous")]
+    assert oracle.modes_seen == ["sequential"] * 3 + ["simultaneous"] * 3 + ["sequential"] * 3 + ["simultaneous"] * 3
+    assert oracle.config.inference_mode == "simultaneous"  # restored
+    short, long = rows[0], rows[2]
+    assert short["accuracy"] == short["sequence_accuracy"] == short["final_accuracy"] == 1.0
+    assert long["accuracy"] == pytest.approx(30 / 40) and long["sequence_accuracy"] == long["final_accuracy"] == 0
+    assert long["iterations_mean"] is None  # not an implicit model
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        st.length_generalization(oracle, "S5", [4], num_samples=2)
+    with pytest.raises(ValueError, match="unknown modes"):
+        st.length_generalization(oracle, "A5", [4], num_samples=2, modes=("parallel",))
+
+
+def test_length_generalization_of_an_implicit_model():
+    """Solver iterations in both modes; at a tight tolerance the two modes reach the same fixed point, so they predict
+    the same."""
+    from conftest import tiny_mamba2
+
+    model = tiny_mamba2(num_hidden_layers=1, tolerance=1e-5)
+    rows = st.length_generalization(model, "A5", [6, 12], num_samples=4)
+    sequential, simultaneous = rows[2], rows[3]
+    assert sequential["mode"] == "sequential" and simultaneous["mode"] == "simultaneous"
+    assert sequential["accuracy"] == simultaneous["accuracy"]
+    assert 1 <= sequential["iterations_mean"] <= sequential["iterations_max"] <= model.config.eval_max_iterations
+    assert sequential["converged_fraction"] == simultaneous["converged_fraction"] == 1.0
+
+
+def test_cli_evaluates_models(tmp_path, capsys):
+    from conftest import tiny_mamba2
+
+    tiny_mamba2(num_hidden_layers=1, tolerance=1e-4).save_pretrained(tmp_path / "a" / "final")
+    tiny_mamba2(num_hidden_layers=1, implicit=False).save_pretrained(tmp_path / "b" / "final")
+    payload = st.main(["--group", "A5", "--model", str(tmp_path / "a" / "final"), "--model",
+                       str(tmp_path / "b" / "final"), "--lengths", "4,8", "--num-samples", "3",
+                       "--output-dir", str(tmp_path / "out")])
+    assert list(payload["results"]) == ["a/final", "b/final"]  # folder names repeat: labelled with the parent
+    implicit, explicit = payload["results"].values()
+    assert implicit["implicit"] and not explicit["implicit"] and len(implicit["rows"]) == 4
+    assert all(row["iterations_mean"] is None for row in explicit["rows"])
+    out = capsys.readouterr().out
+    assert "| a/final |" in out and "acc@8" in out and "iters@4" in out
+    assert (tmp_path / "out" / "length_generalization.png").stat().st_size > 0
+    saved = __import__("json").loads((tmp_path / "out" / "length_generalization.json").read_text())
+    assert saved["results"]["b/final"]["rows"] == explicit["rows"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--lengths", "4,x"], "comma-separated integers"),
+        (["--modes", "parallel"], "--modes"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--output", "x.pt"], "not both"),
+    ],
+)
+def test_cli_evaluation_bad_input_exits_2(arguments, message, tmp_path, capsys):
+    from conftest import tiny_mamba2
+
+    tiny_mamba2(num_hidden_layers=1).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--group", "A5", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "out"), *arguments])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "length_generalization.json").exists()
+
+
+def test_cli_refuses_a_model_with_too_small_a_vocabulary(tmp_path, capsys):
+    from conftest import tiny_mamba2
+
+    tiny_mamba2(num_hidden_layers=1).save_pretrained(tmp_path / "m")  # vocabulary 64 < 120 elements of S5
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--group", "S5", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "more than the model's vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", st.GROUPS)
+def test_tokenizer_ids_are_element_indices(group):
+    names = st.element_names(group)
+    assert len(set(names)) == len(names) == st.get_monoid(group).size and names[0].startswith("01234")
+    if group != "mixed":
+        assert [tuple(map(int, name)) for name in names] == as_tuples(st.get_monoid(group))
+    tokenizer = st.build_tokenizer(group)
+    tokens = st.sample(group, 2, 7, seed=0, p=0.5 if group == "mixed" else None)[0][0].tolist()
+    text = tokenizer.decode(tokens)
+    assert text.split() == [names[token] for token in tokens]
+    assert tokenizer(text)["input_ids"] == tokens
+    with pytest.raises(Exception, match="UNK"):  # no silent unknown token: the vocabulary is the group
+        tokenizer("01234 99999")

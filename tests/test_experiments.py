@@ -1,0 +1,104 @@
+"""The experiment scripts that train the bundled models, end to end at toy size: training subprocesses, evaluation,
+results files, bundling with model cards, and continuing a finished run without retraining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_cards import validate_model_card
+
+
+def stage_steps(log_path) -> list[int]:
+    return [record["step"] for record in map(json.loads, log_path.read_text().splitlines()) if "loss" in record]
+
+
+def test_state_tracking_experiment(tmp_path):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from eval.state_tracking import element_names
+    from training import state_tracking_experiment as experiment
+
+    run, bundle = tmp_path / "run", tmp_path / "models"
+    arguments = ["--output-dir", str(run), "--models", "implicit-mamba2,mamba2-4layer", "--steps-scale", "0.002",
+                 "--num-samples", "2", "--hidden-size", "16", "--bundle-dir", str(bundle)]
+    payload = experiment.main(arguments)
+    results = payload["results"]
+    assert set(results) == {"implicit-mamba2", "mamba2-4layer"}
+    for entry in results.values():
+        assert [(row["length"], row["mode"]) for row in entry["rows"]] == [
+            (n, mode) for n in experiment.EVAL_LENGTHS for mode in ("sequential", "simultaneous")]
+        assert all(seconds > 0 for seconds in entry["stage_seconds"])
+    # Stage 1 trains 2000 * 0.002 steps on length 8, stage 2 1000 * 0.002 steps on length 32, from stage 1's weights.
+    implicit_dir = run / "implicit-mamba2"
+    assert stage_steps(implicit_dir / "stage-1" / "train_log.jsonl") == [1, 2, 3, 4]
+    assert stage_steps(implicit_dir / "stage-2" / "train_log.jsonl") == [1, 2]
+    stage_2 = json.loads((implicit_dir / "stage-2-curriculum.json").read_text())["phases"][0]
+    assert (stage_2["max_iterations"], stage_2["phantom_steps"]) == (64, 4)
+    assert not (run / "mamba2-4layer" / "stage-1-curriculum.json").exists()  # explicit: no solver settings
+    assert "| implicit-mamba2 |" in (run / "results.md").read_text()
+    assert (run / "length_generalization.png").stat().st_size > 0
+
+    for name, implicit in (("implicit-mamba2-a5", True), ("mamba2-4layer-a5", False)):
+        folder = bundle / name
+        recorded = json.loads((folder / "state_tracking.json").read_text())
+        assert recorded["implicit"] is implicit and recorded["train_length"] == 32 and len(recorded["rows"]) == 8
+        metadata = validate_model_card((folder / "README.md").read_text())
+        assert "state-tracking" in metadata["tags"]
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        assert model.config.implicit is implicit and model.config.vocab_size == 60
+        generated = pipeline("text-generation", model=str(folder), trust_remote_code=True)(
+            "01342 10324 12034", max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
+        assert generated.strip() in element_names("A5")
+    assert not list(bundle.glob(".*partial"))
+
+    # A second run finds both stages of every model finished, only evaluates again, and reports the recorded times.
+    logs = sorted(run.glob("*/stage-*.log"))
+    before = [log.stat().st_mtime_ns for log in logs]
+    again = experiment.main(arguments)
+    assert [log.stat().st_mtime_ns for log in logs] == before
+    assert {name: entry["stage_seconds"] for name, entry in again["results"].items()} == {
+        name: entry["stage_seconds"] for name, entry in results.items()}
+
+
+def test_state_tracking_experiment_rejects_bad_arguments(tmp_path, capsys):
+    from training import state_tracking_experiment as experiment
+
+    for arguments, message in (
+        (["--models", "implicit-mamba2,transformer"], "unknown ['transformer']"),
+        (["--models", "implicit-mamba2", "--bundle-dir", str(tmp_path / "m")], "needs the models ['mamba2-4layer']"),
+        (["--steps-scale", "0"], "--steps-scale must be positive"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            experiment.main(["--output-dir", str(tmp_path / "run"), *arguments])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stories_experiment(tmp_path):
+    from transformers import pipeline
+
+    from training import stories_experiment as experiment
+
+    run, bundle = tmp_path / "run", tmp_path / "models"
+    payload = experiment.main(["--output-dir", str(run), "--num-stories", "40", "--hidden-size", "32", "--seq-len",
+                               "64", "--batch-size", "2", "--steps", "3", "--stories-per-length", "2",
+                               "--bundle-dir", str(bundle)])
+    results = payload["results"]
+    assert set(results) == {"implicit-mamba2", "mamba2-2layer"}
+    assert [row["events"] for row in results["implicit-mamba2"]["rows"]] == list(experiment.EVAL_LENGTHS)
+    assert all(row["answer_iterations_mean"] >= 1 for row in results["implicit-mamba2"]["rows"])
+    assert all(row["answer_iterations_mean"] is None for row in results["mamba2-2layer"]["rows"])
+    assert len((run / "train.jsonl").read_text().splitlines()) == 40
+    assert stage_steps(run / "implicit-mamba2" / "train" / "train_log.jsonl") == [1, 2, 3]
+    assert (run / "stories.png").stat().st_size > 0
+
+    folder = bundle / "implicit-mamba2-stories"
+    recorded = json.loads((folder / "stories.json").read_text())
+    assert [row["events"] for row in recorded["rows"]] == list(experiment.EVAL_LENGTHS)
+    validate_model_card((folder / "README.md").read_text())
+    generator = pipeline("text-generation", model=str(folder), trust_remote_code=True)
+    text = generator("mary went to the kitchen . where is mary ?", max_new_tokens=2, do_sample=False)
+    assert text[0]["generated_text"].startswith("mary went to the kitchen . where is mary ?")
+    assert len(text[0]["generated_text"].split()) == 10

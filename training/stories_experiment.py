@@ -1,0 +1,216 @@
+"""A tiny implicit LM and an explicit one trained on bAbI-style stories (the paper's CatbAbI experiment, Figure 13).
+
+Generates a story corpus offline (eval/stories.py: people move between rooms, pick up and drop objects; questions
+"where is mary ?" with their answers inline), saves the story tokenizer (word level, trained on nothing but the
+generator's closed vocabulary), trains both models as ordinary causal LMs with `python -m training.finetune`, and
+measures the accuracy of the greedy answer to a story's last question, and the solver iterations the implicit model
+spends on the answer token, against story length (`results.md`, `stories.json`, `stories.png`).
+
+    python -m training.stories_experiment --output-dir runs/stories [--jobs 2] [--bundle-dir models]
+
+`--bundle-dir DIR` copies the implicit story LM, with its tokenizer, a model card and its measured accuracy
+(`stories.json`), into `DIR/implicit-mamba2-stories`, which the demo and the regression tests read. Training jobs
+whose `final/` folder exists are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.common import atomic_write, load_model, run_metadata, write_json
+from eval.stories import answer_accuracy, build_tokenizer, format_table, generate_stories, plot
+from training.runner import finetune_command, run_logged, run_parallel, threads_per_job
+
+logger = logging.getLogger(__name__)
+
+EVAL_LENGTHS = (4, 8, 16, 32, 64)
+EVAL_SEED = 1
+MIN_EVENTS, MAX_EVENTS = 4, 24  # story lengths of the training corpus
+QUESTIONS_PER_STORY = 4  # more answers per story: more of the loss is on the tokens that need the world state
+BUNDLED = "implicit-mamba2"
+
+
+@dataclass(frozen=True)
+class StoryModel:
+    name: str
+    layers: int
+    implicit: bool
+
+
+MODELS = (StoryModel("implicit-mamba2", 1, True), StoryModel("mamba2-2layer", 2, False))
+# The paper's two-phase curriculum, shortened: (4+1) for 70% of the steps, then up to 16 iterations to a relative
+# residual of 0.05 with 2 phantom steps.
+CURRICULUM = {"phases": [
+    {"name": "bounded", "fraction": 0.7, "max_iterations": 4, "tolerance": 1e-30, "phantom_steps": 1},
+    {"name": "free", "fraction": 0.3, "max_iterations": 16, "tolerance": 0.05, "phantom_steps": 2},
+]}
+
+
+def write_corpus(path: Path, num_stories: int, seed: int) -> None:
+    stories = generate_stories(num_stories, MIN_EVENTS, MAX_EVENTS, seed, QUESTIONS_PER_STORY)
+    lines = "".join(json.dumps({"text": story.text(), "events": len(story.events)}) + "\n" for story in stories)
+    atomic_write(path, lambda temporary: temporary.write_text(lines))
+
+
+def build_config(spec: StoryModel, tokenizer: Any, hidden_size: int) -> Any:
+    from modeling_implicit import ImplicitMamba2Config
+
+    return ImplicitMamba2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=spec.layers, state_size=16,
+        head_dim=32, n_groups=1, chunk_size=64, implicit=spec.implicit, tolerance=0.05, max_iterations=16,
+        eval_max_iterations=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def train_model(spec: StoryModel, args: argparse.Namespace, threads: int) -> float | None:
+    model_dir = args.output_dir / spec.name
+    tokenizer = build_tokenizer()
+    build_config(spec, tokenizer, args.hidden_size).save_pretrained(model_dir / "config")
+    curriculum = "none"
+    if spec.implicit:
+        curriculum = str(model_dir / "curriculum.json")
+        Path(curriculum).write_text(json.dumps(CURRICULUM, indent=2) + "\n")
+    command = finetune_command(
+        "--model", str(model_dir / "config"), "--random-init", "--tokenizer", str(args.output_dir / "tokenizer"),
+        "--data", str(args.output_dir / "train.jsonl"), "--eval-data", str(args.output_dir / "valid.jsonl"),
+        "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
+        "--learning-rate", str(args.learning_rate), "--min-lr", "1e-5", "--decay-start", "0.7",
+        "--warmup-steps", str(min(50, args.steps // 2)), "--curriculum", curriculum,
+        "--eval-every", str(max(args.steps // 4, 1)), "--eval-batches", "4", "--seed", str(args.seed),
+        "--output-dir", str(model_dir / "train"),
+    )
+    return run_logged(command, model_dir / "train.log", threads, done=model_dir / "train" / "final" / "config.json")
+
+
+def bundle(args: argparse.Namespace, results: dict[str, Any]) -> Path:
+    """The implicit story LM and its tokenizer as `bundle_dir/implicit-mamba2-stories`, with card and figures."""
+    from model_cards import render_demo_model_card
+    from modeling_implicit import ImplicitMamba2Config
+
+    folder_name = f"{BUNDLED}-stories"
+    staging = args.bundle_dir / f".{folder_name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(args.output_dir / BUNDLED / "train" / "final", staging)
+    config = ImplicitMamba2Config.from_pretrained(staging)
+    config.prefill_mode = "sequential"  # the pipeline reads stories as the RNN, as the figures measure
+    config.save_pretrained(staging)
+    entry = results[BUNDLED]
+    summary = (
+        f"A tiny one-block **implicit Mamba2** language model ({entry['parameters']:,} parameters) trained on "
+        "synthetic bAbI-style stories, in the spirit of the CatbAbI experiment of *Implicit Language Models are "
+        "RNNs* (Figure 13). It answers questions about where people and objects are by tracking the state of a "
+        "small world through the story."
+    )
+    task = (
+        "Stories from `eval/stories.py`: four objects are placed in rooms, then people move between rooms, pick up "
+        "and drop objects; questions such as `where is mary ?` or `where is the apple ?` are followed by their "
+        f"one-word answer. Trained as an ordinary causal LM on {args.num_stories:,} stories of {MIN_EVENTS} to "
+        f"{MAX_EVENTS} events ({QUESTIONS_PER_STORY} questions each) with the word-level story tokenizer saved "
+        "beside the weights."
+    )
+    usage = (
+        "```python\nfrom transformers import pipeline\n\n"
+        f'generator = pipeline("text-generation", model="models/{folder_name}", trust_remote_code=True)\n'
+        'story = ("the apple is in the kitchen . the football is in the garden . the milk is in the office . "\n'
+        '         "the book is in the bedroom . mary went to the kitchen . mary picked up the apple . "\n'
+        '         "mary went to the garden . where is the apple ?")\n'
+        "print(generator(story, max_new_tokens=1, do_sample=False)[0][\"generated_text\"].split()[-1])\n```"
+    )
+    figures = (
+        f"Accuracy of the greedy answer to a story's last question and mean solver iterations on the answer token "
+        f"(sequential mode), {args.stories_per_length} fresh stories per length, measured "
+        f"{time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} (`stories.json`; the "
+        "package's tests check the model still reaches them). The explicit 2-block baseline trained the same way "
+        "is the second line:\n\n" + format_table({folder_name: entry["rows"], **{
+            name: value["rows"] for name, value in results.items() if name != BUNDLED}})
+    )
+    card = render_demo_model_card(
+        config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
+        command="python -m training.stories_experiment --output-dir runs/stories --bundle-dir models",
+        tags=("babi", "synthetic-stories"),
+    )
+    (staging / "README.md").write_text(card)
+    write_json(staging / "stories.json", {
+        "lengths": list(EVAL_LENGTHS), "stories_per_length": args.stories_per_length, "seed": EVAL_SEED,
+        "parameters": entry["parameters"], "rows": entry["rows"],
+    })
+    destination = args.bundle_dir / folder_name
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+    return destination
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.stories_experiment", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--num-stories", type=int, default=20000, help="training stories (default 20000)")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per model (default 1500)")
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--stories-per-length", type=int, default=50, help="test stories per length (default 50)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bundle-dir", type=Path, help="copy the implicit story LM here (e.g. models)")
+    args = parser.parse_args(argv)
+    for name in ("num_stories", "hidden_size", "seq_len", "batch_size", "steps", "stories_per_length", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.learning_rate <= 0:
+        parser.error("--learning-rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if not (args.output_dir / "train.jsonl").is_file():
+        write_corpus(args.output_dir / "train.jsonl", args.num_stories, args.seed)
+    if not (args.output_dir / "valid.jsonl").is_file():
+        write_corpus(args.output_dir / "valid.jsonl", max(args.num_stories // 20, 1), args.seed + 1)
+    build_tokenizer().save_pretrained(args.output_dir / "tokenizer")
+    threads = threads_per_job(args.jobs)
+    seconds = run_parallel(lambda spec: train_model(spec, args, threads), MODELS, args.jobs, desc="models")
+    train_seconds = time.perf_counter() - start
+
+    torch.set_num_threads(threads_per_job(1))
+    results = {}
+    for spec, train_time in zip(MODELS, seconds):
+        model, tokenizer = load_model(str(args.output_dir / spec.name / "train" / "final"))
+        rows = answer_accuracy(model, tokenizer, list(EVAL_LENGTHS), args.stories_per_length, EVAL_SEED)
+        results[spec.name] = {"parameters": sum(p.numel() for p in model.parameters()), "implicit": spec.implicit,
+                              "train_seconds": train_time, "rows": rows}
+    total_seconds = time.perf_counter() - start
+    payload = {"train_seconds": train_seconds, "total_seconds": total_seconds, "results": results,
+               "models": [asdict(spec) for spec in MODELS], "metadata": run_metadata(args)}
+    write_json(args.output_dir / "stories.json", payload)
+    plot({name: entry["rows"] for name, entry in results.items()}, args.output_dir / "stories.png")
+    table = format_table({name: entry["rows"] for name, entry in results.items()})
+    summary = (f"Story LMs trained on {args.num_stories} stories of {MIN_EVENTS}-{MAX_EVENTS} events; "
+               f"{args.stories_per_length} test stories per length; training {train_seconds / 60:.1f} min, total "
+               f"{total_seconds / 60:.1f} min\n\n{table}\n")
+    atomic_write(args.output_dir / "results.md", lambda temporary: temporary.write_text(summary))
+    print(summary)
+    if args.bundle_dir is not None:
+        print(f"bundled {bundle(args, results)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
