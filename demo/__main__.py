@@ -113,7 +113,8 @@ def stories(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(DEMO_SEED)
     answers = []
     for index in range(args.stories):
-        story = generate_story(rng, rng.choice(args.story_events))
+        events = rng.choice(args.story_events)
+        story = generate_story(rng, events, events)  # a question after every event, as the LM was trained
         question = story.questions[-1]
         prompt = story.prompt(question)
         with SolverStatsRecorder(generator.model) as recorder:

@@ -176,30 +176,37 @@ def build_tokenizer() -> Any:
 
 @torch.no_grad()
 def answer_accuracy(
-    model: torch.nn.Module, tokenizer: Any, lengths: list[int], stories_per_length: int, seed: int
+    model: torch.nn.Module, tokenizer: Any, lengths: list[int], stories_per_length: int, seed: int,
+    batch_size: int = 25, questions: int | None = 1,
 ) -> list[dict[str, Any]]:
     """For stories of each length (events), the fraction whose final question the model answers right (greedy next
     word after the prompt) and, for implicit models, the solver iterations of the answer-predicting position when
-    the prompt is solved token by token (sequential mode)."""
+    the prompt is solved token by token (sequential mode). Stories have `questions` questions (None: one after every
+    event, as the story LMs of `training.stories_experiment` are trained); earlier ones appear with their answers.
+    Prompts are left-padded into batches (padding changes no logit or iteration count of the real tokens)."""
     from .common import config_overrides, is_implicit
 
+    mode = {"inference_mode": "sequential"} if is_implicit(model) else {}
     results = []
-    for length in tqdm(lengths, desc="story lengths", unit="length"):
+    for length in tqdm(lengths, desc="story lengths", unit="length", disable=None):
         rng = random.Random(seed * 100_003 + length)
+        stories = [generate_story(rng, length, length if questions is None else questions)
+                   for _ in range(stories_per_length)]
         correct, iterations, prompt_tokens = 0, [], 0
-        for _ in range(stories_per_length):
-            story = generate_story(rng, length)
-            question = story.questions[-1]
-            ids = torch.tensor([tokenizer(story.prompt(question))["input_ids"]], device=model.device)
-            prompt_tokens += ids.shape[1]
-            mode = {"inference_mode": "sequential"} if is_implicit(model) else {}
+        for start in range(0, stories_per_length, batch_size):
+            batch = stories[start : start + batch_size]
+            encoded = tokenizer([story.prompt(story.questions[-1]) for story in batch], return_tensors="pt",
+                                padding=True, padding_side="left")
+            prompt_tokens += int(encoded["attention_mask"].sum())
             with config_overrides(model, **mode):
-                output = model(ids, use_cache=False)
-            predicted = tokenizer.decode(output.logits[0, -1].argmax()).strip()
-            correct += predicted == question.answer
+                output = model(encoded["input_ids"].to(model.device),
+                               attention_mask=encoded["attention_mask"].to(model.device), use_cache=False)
+            predicted = output.logits[:, -1].argmax(-1).tolist()
+            correct += sum(tokenizer.decode(token).strip() == story.questions[-1].answer
+                           for token, story in zip(predicted, batch))
             stats = getattr(output, "solver_stats", None)
             if stats is not None:
-                iterations.append(stats.iterations[0, -1].item())
+                iterations.extend(stats.iterations[:, -1].tolist())
         results.append({
             "events": length,
             "prompt_tokens_mean": prompt_tokens / stories_per_length,
@@ -256,12 +263,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-stories", type=int, default=1000)
     parser.add_argument("--min-events", type=int, default=4)
     parser.add_argument("--max-events", type=int, default=24)
-    parser.add_argument("--questions", type=int, default=1, help="questions per story (the last after the end)")
+    parser.add_argument("--questions", type=int, default=1,
+                        help="questions per story, the last after the end (0: one after every event)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="JSONL: one {'text', 'events'} per story")
     args = parser.parse_args(argv)
     if (args.model is None) == (args.output is None):
         parser.error("pass --output (generate a corpus) or --model (evaluate a model), not both")
+    if args.questions < 0:
+        parser.error(f"--questions must be >= 0, got {args.questions}")
     return args
 
 
@@ -278,7 +288,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(vocabulary()) - set(tokenizer.get_vocab())
     if unknown:
         raise EvalError(f"{args.model}'s tokenizer lacks story words {sorted(unknown)[:5]}: not a story LM")
-    results = answer_accuracy(model, tokenizer, lengths, args.stories_per_length, args.seed)
+    results = answer_accuracy(model, tokenizer, lengths, args.stories_per_length, args.seed,
+                              questions=args.questions or None)
     payload = {"results": results, "metadata": run_metadata(args, model)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.output_dir / "stories.json", payload)
@@ -295,7 +306,8 @@ def main(argv: list[str] | None = None) -> list[Story] | dict[str, Any]:
     if args.num_stories < 1:
         raise EvalError(f"--num-stories must be positive, got {args.num_stories}")
     try:
-        stories = generate_stories(args.num_stories, args.min_events, args.max_events, args.seed, args.questions)
+        stories = generate_stories(args.num_stories, args.min_events, args.max_events, args.seed,
+                                   args.questions or args.max_events)
     except ValueError as error:
         raise EvalError(str(error)) from error
     lines = "".join(json.dumps({"text": s.text(), "events": len(s.events)}) + "\n" for s in stories)

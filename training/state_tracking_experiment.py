@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from conversion.checkpoint_io import atomic_output_dir
 from eval.common import atomic_write, load_model, run_metadata, write_json
 from eval.state_tracking import (
     build_tokenizer,
@@ -83,12 +84,12 @@ class ModelSpec:
     stages: tuple[Stage, ...]
 
 
-# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stage 2 with up to 64
+# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stage 2 with up to 32
 # iterations (relative residual 0.01) and 4 phantom steps; at test time up to 128 iterations per solve.
 IMPLICIT_STAGES = (
     Stage(seq_len=8, steps=2000, learning_rate=3e-3, decay_start=0.9, max_iterations=8, tolerance=0.01,
           phantom_steps=2),
-    Stage(seq_len=TRAIN_LENGTH, steps=1000, learning_rate=1e-3, decay_start=0.5, max_iterations=64, tolerance=0.01,
+    Stage(seq_len=TRAIN_LENGTH, steps=800, learning_rate=1e-3, decay_start=0.9, max_iterations=32, tolerance=0.01,
           phantom_steps=4),
 )
 # The unrolled baseline: the same weight-tied block applied exactly 8 times in training and at test time (an unrolled
@@ -110,14 +111,15 @@ def default_specs() -> list[ModelSpec]:
     return specs
 
 
-def build_config(spec: ModelSpec, vocab_size: int, hidden_size: int) -> Any:
-    """The small Mamba2 of the experiment: hidden 64, state 16, heads of 16 channels, one group."""
+def build_config(spec: ModelSpec, group_size: int, hidden_size: int) -> Any:
+    """The small Mamba2 of the experiment: hidden 64, state 16, heads of 16 channels, one group; the vocabulary is
+    the group's elements padded to a multiple of 16 (64 for A5), as Mamba pads its vocabularies."""
     from modeling_implicit import ImplicitMamba2Config
 
     first = spec.stages[0]
     return ImplicitMamba2Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=spec.layers, state_size=16, head_dim=16,
-        n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
+        vocab_size=-(-group_size // 16) * 16, hidden_size=hidden_size, num_hidden_layers=spec.layers, state_size=16,
+        head_dim=16, n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
         max_iterations=first.max_iterations, tolerance=first.tolerance, phantom_steps=first.phantom_steps,
         eval_max_iterations=spec.eval_max_iterations,
     )
@@ -147,7 +149,7 @@ def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batc
         "--min-lr", "1e-5", "--warmup-steps", str(min(20, int(stage.steps * stage.decay_start))),
         "--weight-decay", "0", "--max-grad-norm", "1.0",
         "--curriculum", str(curriculum_path), "--eval-every", str(max(stage.steps // 4, 1)), "--eval-batches", "2",
-        "--seed", str(seed + index), "--output-dir", str(output),
+        "--seed", str(seed), "--output-dir", str(output),
     )
     return command, output
 
@@ -170,83 +172,85 @@ def final_folder(run_dir: Path, spec: ModelSpec) -> Path:
     return run_dir / spec.name / f"stage-{len(spec.stages)}" / "final"
 
 
+def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, Any], folder_name: str, group: str,
+                 num_samples: int) -> None:
+    """Fill `staging` with the trained model of `spec`, its tokenizer, card and measured figures."""
+    from model_cards import render_demo_model_card
+    from modeling_implicit import ImplicitMamba2Config
+
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    build_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
+    config = ImplicitMamba2Config.from_pretrained(staging)
+    if spec.implicit:
+        config.prefill_mode = "sequential"  # generate() reads prompts as the RNN, as the figures measure
+        config.save_pretrained(staging)
+        summary = (
+            f"A one-block **implicit Mamba2** ({entry['parameters']:,} parameters) that learned the {group} word "
+            f"problem from sequences of length <= {TRAIN_LENGTH} only, and tracks the state of sequences several "
+            "times longer (Results). In sequential mode it is an RNN whose state transition is the fixed point of "
+            "the block: the reproduction, at small scale, of Figure 1 (right) of *Implicit Language Models are "
+            "RNNs*."
+        )
+    else:
+        summary = (
+            f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 with "
+            f"more parameters ({entry['parameters']:,}), the same data, schedule and number of optimizer steps, "
+            "and no solver. It does not learn the word problem: a constant-depth model with linear recurrences "
+            f"cannot track the state of a non-solvable group such as {group} (section 2 of the paper)."
+        )
+    task = (
+        f"The input is a sequence of {group} elements (token id = element index in lexicographic order of the "
+        "permutations, identity = 0) and the label at position t is the running product x_0 * x_1 * ... * x_t "
+        f"(`eval/state_tracking.py`). Training: word problems of length 8, then of length {TRAIN_LENGTH}, drawn "
+        "fresh every step; the two stages and their solver settings are in `training/state_tracking_experiment"
+        ".py`."
+    )
+    usage = (
+        "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, pipeline\n"
+        "from eval.state_tracking import word_problem   # from the implicit-lm package\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("models/{folder_name}", trust_remote_code=True).eval()\n'
+        f'tokens, labels = word_problem("{group}", num_samples=8, length=256, seed=0)\n'
+        + ('model.config.inference_mode = "sequential"   # token by token, each iterated to its fixed point\n'
+           if spec.implicit else "")
+        + "with torch.no_grad():\n    predicted = model(input_ids=tokens.long()).logits.argmax(-1)\n"
+        "print((predicted == labels.long()).float().mean())   # per-token accuracy\n\n"
+        "# The tokenizer's words are the elements in one-line notation (01234 is the identity): the first word\n"
+        "# generated after a sequence of permutations is their product.\n"
+        f'generator = pipeline("text-generation", model="models/{folder_name}", trust_remote_code=True)\n'
+        'print(generator("01342 10324 12034 34012", max_new_tokens=1, return_full_text=False))\n```'
+    )
+    figures = (
+        f"Per-token accuracy (and mean solver iterations) on {num_samples} fresh word problems per length, "
+        f"measured {time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} "
+        f"(`state_tracking.json`; the package's tests check the model still reaches them):\n\n"
+        + format_table({folder_name: entry})
+    )
+    card = render_demo_model_card(
+        config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
+        command="python -m training.state_tracking_experiment --output-dir runs/state-tracking "
+                "--bundle-dir models",
+        tags=("state-tracking", "word-problem"),
+    )
+    (staging / "README.md").write_text(card)
+    write_json(staging / "state_tracking.json", {
+        "group": group, "train_length": TRAIN_LENGTH, "num_samples": num_samples, "seed": EVAL_SEED,
+        "parameters": entry["parameters"], "implicit": entry["implicit"], "rows": entry["rows"],
+    })
+
+
 def bundle(run_dir: Path, bundle_dir: Path, specs: list[ModelSpec], results: dict[str, Any], group: str,
            num_samples: int) -> list[Path]:
     """Copy the implicit model and the 4-layer explicit baseline into `bundle_dir` with model cards and their
     measured figures (`state_tracking.json`, which the regression tests and the demo read)."""
-    from model_cards import render_demo_model_card
-    from modeling_implicit import ImplicitMamba2Config
-
     written = []
     for spec in specs:
         if spec.name not in BUNDLED:
             continue
         folder_name = f"{spec.name}-{group.lower()}"
         entry = results[spec.name]
-        staging = bundle_dir / f".{folder_name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(final_folder(run_dir, spec), staging)
-        build_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
-        config = ImplicitMamba2Config.from_pretrained(staging)
-        if spec.implicit:
-            config.prefill_mode = "sequential"  # generate() reads prompts as the RNN, as the figures measure
-            config.save_pretrained(staging)
-            summary = (
-                f"A one-block **implicit Mamba2** ({entry['parameters']:,} parameters) that learned the {group} word "
-                f"problem from sequences of length <= {TRAIN_LENGTH} only, and keeps tracking the state of sequences "
-                "eight times longer. In sequential mode it is an RNN whose state transition is the fixed point of "
-                "the block: the reproduction, at small scale, of Figure 1 (right) of *Implicit Language Models are "
-                "RNNs*."
-            )
-        else:
-            summary = (
-                f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 with "
-                f"more parameters ({entry['parameters']:,}), the same data, schedule and number of optimizer steps, "
-                "and no solver. It does not learn the word problem: a constant-depth model with linear recurrences "
-                f"cannot track the state of a non-solvable group such as {group} (section 2 of the paper)."
-            )
-        task = (
-            f"The input is a sequence of {group} elements (token id = element index in lexicographic order of the "
-            "permutations, identity = 0) and the label at position t is the running product x_0 * x_1 * ... * x_t "
-            f"(`eval/state_tracking.py`). Training: word problems of length 8, then of length {TRAIN_LENGTH}, drawn "
-            "fresh every step; the two stages and their solver settings are in `training/state_tracking_experiment"
-            ".py`."
-        )
-        usage = (
-            "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, pipeline\n"
-            "from eval.state_tracking import word_problem   # from the implicit-lm package\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("models/{folder_name}", trust_remote_code=True).eval()\n'
-            f'tokens, labels = word_problem("{group}", num_samples=8, length=256, seed=0)\n'
-            + ('model.config.inference_mode = "sequential"   # token by token, each iterated to its fixed point\n'
-               if spec.implicit else "")
-            + "with torch.no_grad():\n    predicted = model(input_ids=tokens.long()).logits.argmax(-1)\n"
-            "print((predicted == labels.long()).float().mean())   # per-token accuracy\n\n"
-            "# The tokenizer's words are the elements in one-line notation (01234 is the identity): the first word\n"
-            "# generated after a sequence of permutations is their product.\n"
-            f'generator = pipeline("text-generation", model="models/{folder_name}", trust_remote_code=True)\n'
-            'print(generator("01342 10324 12034 34012", max_new_tokens=1, return_full_text=False))\n```'
-        )
-        figures = (
-            f"Per-token accuracy (and mean solver iterations) on {num_samples} fresh word problems per length, "
-            f"measured {time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} "
-            f"(`state_tracking.json`; the package's tests check the model still reaches them):\n\n"
-            + format_table({folder_name: entry})
-        )
-        card = render_demo_model_card(
-            config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
-            command="python -m training.state_tracking_experiment --output-dir runs/state-tracking "
-                    "--bundle-dir models",
-            tags=("state-tracking", "word-problem"),
-        )
-        (staging / "README.md").write_text(card)
-        write_json(staging / "state_tracking.json", {
-            "group": group, "train_length": TRAIN_LENGTH, "num_samples": num_samples, "seed": EVAL_SEED,
-            "parameters": entry["parameters"], "implicit": entry["implicit"], "rows": entry["rows"],
-        })
-        destination = bundle_dir / folder_name
-        shutil.rmtree(destination, ignore_errors=True)
-        staging.rename(destination)
-        written.append(destination)
+        with atomic_output_dir(bundle_dir / folder_name, overwrite=True) as staging:
+            write_bundle(staging, final_folder(run_dir, spec), spec, entry, folder_name, group, num_samples)
+        written.append(bundle_dir / folder_name)
     return written
 
 
