@@ -35,7 +35,7 @@ def test_state_tracking_experiment(tmp_path):
     assert stage_steps(implicit_dir / "stage-1" / "train_log.jsonl") == [1, 2, 3, 4]
     assert stage_steps(implicit_dir / "stage-2" / "train_log.jsonl") == [1, 2]
     stage_2 = json.loads((implicit_dir / "stage-2-curriculum.json").read_text())["phases"][0]
-    assert (stage_2["max_iterations"], stage_2["phantom_steps"]) == (64, 4)
+    assert (stage_2["max_iterations"], stage_2["phantom_steps"]) == (32, 4)
     assert not (run / "mamba2-4layer" / "stage-1-curriculum.json").exists()  # explicit: no solver settings
     assert "| implicit-mamba2 |" in (run / "results.md").read_text()
     assert (run / "length_generalization.png").stat().st_size > 0
@@ -99,6 +99,6 @@ def test_stories_experiment(tmp_path):
     assert [row["events"] for row in recorded["rows"]] == list(experiment.EVAL_LENGTHS)
     validate_model_card((folder / "README.md").read_text())
     generator = pipeline("text-generation", model=str(folder), trust_remote_code=True)
-    text = generator("mary went to the kitchen . where is mary ?", max_new_tokens=2, do_sample=False)
-    assert text[0]["generated_text"].startswith("mary went to the kitchen . where is mary ?")
-    assert len(text[0]["generated_text"].split()) == 10
+    text = generator("mary went to the kitchen . where is mary ?", max_new_tokens=2, do_sample=False,
+                     return_full_text=False)
+    assert len(text[0]["generated_text"].split()) == 2

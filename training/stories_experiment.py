@@ -33,7 +33,7 @@ from training.runner import finetune_command, run_logged, run_parallel, threads_
 
 logger = logging.getLogger(__name__)
 
-EVAL_LENGTHS = (4, 8, 16, 32, 64)
+EVAL_LENGTHS = (2, 4, 8, 16, 32)
 EVAL_SEED = 1
 # The training corpus: short stories with a question after every event. With 4-24 events and 4 questions per story
 # (or 12), neither model had learned to answer (chance, loss stuck at the entropy of the events) after 1500 steps.
@@ -132,7 +132,8 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
         'story = ("the apple is in the kitchen . the football is in the garden . the milk is in the office . "\n'
         '         "the book is in the bedroom . mary went to the kitchen . mary picked up the apple . "\n'
         '         "mary went to the garden . where is the apple ?")\n'
-        "print(generator(story, max_new_tokens=1, do_sample=False)[0][\"generated_text\"].split()[-1])\n```"
+        "print(generator(story, max_new_tokens=1, do_sample=False, return_full_text=False)[0][\"generated_text\"])\n"
+        "```"
     )
     figures = (
         f"Accuracy of the greedy answer to a story's last question and mean solver iterations on the answer token "
@@ -207,9 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.output_dir / "stories.json", payload)
     plot({name: entry["rows"] for name, entry in results.items()}, args.output_dir / "stories.png")
     table = format_table({name: entry["rows"] for name, entry in results.items()})
+    minutes = ", ".join(f"{name} " + ("?" if entry["train_seconds"] is None else f"{entry['train_seconds'] / 60:.1f}")
+                        for name, entry in results.items())
     summary = (f"Story LMs trained on {args.num_stories} stories of {MIN_EVENTS}-{MAX_EVENTS} events; "
-               f"{args.stories_per_length} test stories per length; training {train_seconds / 60:.1f} min, total "
-               f"{total_seconds / 60:.1f} min\n\n{table}\n")
+               f"{args.stories_per_length} test stories per length. This invocation: {train_seconds / 60:.1f} min "
+               f"training, {total_seconds / 60:.1f} min in all; minutes per model when trained: {minutes}.\n\n"
+               f"{table}\n")
     atomic_write(args.output_dir / "results.md", lambda temporary: temporary.write_text(summary))
     print(summary)
     if args.bundle_dir is not None:

@@ -1,0 +1,466 @@
+"""Pieces every implicit model shares: outputs, the fixed-point cache base, the solve driver and the causal-LM glue.
+
+An implicit backbone subclasses `ImplicitBackboneMixin` and provides the model-specific parts only:
+`_evaluate_stack` (one pass of the layer stack and its final norm, given the injected input and the committed cache),
+`_prepare_stack_inputs` (masks and positions, built once per call), `make_cache` and the module `injection` (an
+`InputInjection`, None for explicit models). Everything else (embedding, injection, which mode to solve in, the
+solver, padding, committing states, statistics, warnings, validation) lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .numerics import at_least_float32
+from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
+
+
+class ConvergenceWarning(UserWarning):
+    """Some samples (or tokens) reached the iteration cap before the residual fell below the tolerance."""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in at least float32 (as Llama's and Mamba2's)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = at_least_float32(hidden_states)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class InputInjection(nn.Module):
+    """The input injection shared by all layers: `Linear(RMSNorm(embeddings))` (weight, bias and `norm.weight`),
+    added to every layer's input projection.
+
+    Initialised with std `hidden_size ** -0.5` (see `init_weights`): the injected input then dominates the projection
+    of `z`, so a freshly initialised model is a contraction and the solver converges from the first step.
+
+    Not an `nn.Linear` subclass: tools that treat every `nn.Linear` as `x @ W.T + b` of its input (PEFT's LoRA and
+    `target_modules="all-linear"`, quantizers that swap Linear modules) would bypass or drop the norm.
+    """
+
+    def __init__(self, hidden_size: int, out_features: int, eps: float):
+        super().__init__()
+        self.in_features = hidden_size
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, hidden_size))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.norm = RMSNorm(hidden_size, eps=eps)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(embeddings), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        init.normal_(self.weight, std=self.in_features**-0.5)
+        init.zeros_(self.bias)
+
+
+def _checkpoint_while_recording(checkpoint_function: Callable, function: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    return checkpoint_function(function, *args, **kwargs)
+
+
+class ImplicitCheckpointingMixin:
+    """Activation checkpointing (`model.activation_checkpointing_enable()`) for implicit models.
+
+    The blocks are transformers `GradientCheckpointingLayer`s, but a block is checkpointed only when autograd records
+    the call: the phantom steps, or every iteration of an unrolled backward. The tape-free solver iterations run under
+    `no_grad`, where nothing is saved; a checkpoint there would still copy the RNG states on every call (and with
+    `use_reentrant=True` warn whenever no input requires grad).
+    """
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        # A partial of a module-level function, as transformers' own: layers holding it stay picklable.
+        checkpoint_function = partial(_checkpoint_while_recording, gradient_checkpointing_func)
+        super()._set_gradient_checkpointing(enable, checkpoint_function, every_n_layers)
+
+
+@dataclass
+class ImplicitModelOutput(ModelOutput):
+    """Output of an implicit backbone.
+
+    Attributes:
+        last_hidden_state: `(batch, seq_len, hidden_size)` the fixed point `z*` (after the final norm).
+        past_key_values: the `ImplicitCache` holding the committed fixed-point states, when `use_cache`.
+        solver_stats: per-sample (`(batch,)`, simultaneous mode) or per-token (`(batch, seq_len)`, sequential mode)
+            iterations, final residuals and convergence flags; `None` for explicit models.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class ImplicitCausalLMOutput(ModelOutput):
+    """Output of an implicit causal LM: `loss` (when `labels` are given), `logits` (float32) and the backbone's
+    `past_key_values` and `solver_stats` (see `ImplicitModelOutput`)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class StackInputs:
+    """What one evaluation of the layer stack needs besides `z` and the cache, built once per forward call before
+    the solver starts iterating.
+
+    Attributes:
+        padding_mask: `(batch, seq_len)` 1 for real tokens and 0 for padding among the new tokens, or `None` when
+            nothing is padded. Padding positions of `z` are held at zero, so they never enter a residual.
+
+    Models with attention subclass it with their masks and positional embeddings and override `token`.
+    """
+
+    padding_mask: torch.Tensor | None
+
+    def token(self, index: int, past_len: int) -> StackInputs:
+        """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
+        mask = None if self.padding_mask is None else self.padding_mask[:, index : index + 1]
+        return replace(self, padding_mask=mask)
+
+
+class ImplicitCache(Cache):
+    """Base of the caches that hold an implicit model's states *at the fixed point* for sequential generation.
+
+    `states` is a tuple of tensors with the batch in dimension 0 (what the model's `_evaluate_stack` returns).
+    The solver only reads them while iterating on new tokens; `commit` stores the converged result once.
+    Subclasses define how new states merge with the committed ones (`_merge`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.states: tuple[torch.Tensor, ...] | None = None
+        self.seen_tokens = 0
+
+    def _merge(self, new_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def commit(self, new_states: tuple[torch.Tensor, ...], num_tokens: int) -> None:
+        """Store the fixed-point states reached after `num_tokens` more tokens."""
+        if self.states is not None and new_states[0].shape[0] != self.states[0].shape[0]:
+            raise ValueError(
+                f"Cache holds a batch of {self.states[0].shape[0]} but the new states have batch "
+                f"{new_states[0].shape[0]}; reset the cache or pass inputs of the cached batch size."
+            )
+        self.states = tuple(s.detach() for s in self._merge(new_states))
+        self.seen_tokens += num_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def _apply_to_batch(self, fn: Any) -> None:
+        if self.states is not None:
+            self.states = tuple(fn(s) for s in self.states)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_to_batch(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_to_batch(lambda s: s[indices.to(s.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_to_batch(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.states = None
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError(
+                f"{type(self).__name__} holds recurrent fixed-point states, which cannot be rolled back by tokens."
+            )
+
+    def __len__(self) -> int:
+        return 0 if self.states is None else 1
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.states is None else self.states[0].shape[0]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # the solver loop is data dependent
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.states is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        shapes = None if self.states is None else [tuple(s.shape) for s in self.states]
+        return f"{type(self).__name__}(seen_tokens={self.seen_tokens}, states={shapes})"
+
+
+def _warn_if_not_converged(stats: SolverStats | None) -> None:
+    if stats is None:
+        return
+    failed = (~stats.converged).sum().item()
+    if failed:
+        total = stats.converged.numel()
+        warnings.warn(
+            f"Fixed-point solver did not converge for {failed} of {total} solves (max residual "
+            f"{stats.residual.max().item():.3g}, iterations {stats.iterations.max().item()}); raise "
+            "`eval_max_iterations`/`max_iterations` or `tolerance`, or inspect `outputs.solver_stats`.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+class ImplicitBackboneMixin:
+    """Embedding -> input injection -> fixed-point solve over the layer stack, in either mode.
+
+    Requires on the subclass: `config`, `get_input_embeddings()`, `injection` (an `InputInjection`, None when explicit),
+    `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), states)` (the layer stack and its
+    final norm; it reads the cache and never writes it) and `make_cache()`. Models whose layers need more than the
+    padding mask (attention masks, positions) override `_prepare_stack_inputs`.
+    """
+
+    def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None) -> str:
+        """Training: simultaneous. A cache passed in (generation): one token is a sequential step, several are a
+        prefill (`prefill_mode`). No cache passed: a full-sequence forward (`inference_mode`)."""
+        if self.training:
+            return "simultaneous"
+        if passed_cache is None:
+            return self.config.inference_mode
+        return "sequential" if seq_len == 1 else self.config.prefill_mode
+
+    def _prepare_stack_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        past_len: int,
+    ) -> StackInputs:
+        """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
+        `(batch, past_len + seq_len)` mask or `None` (no padding). Models without positions ignore `position_ids`."""
+        seq_len = inputs_embeds.shape[1]
+        return StackInputs(None if attention_mask is None else attention_mask[:, -seq_len:])
+
+    def _fixed_point_function(
+        self,
+        injection: torch.Tensor | None,
+        stack_inputs: StackInputs,
+        cache: ImplicitCache | None,
+        return_states: bool,
+    ):
+        keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
+
+        def fn(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            out, states = self._evaluate_stack(z, injection, stack_inputs, cache, return_states)
+            out = out.to(z.dtype)
+            if keep is not None:
+                out = out * keep.to(out.dtype)
+            return out, states
+
+        return fn
+
+    def _solve(self, fn, embeddings: torch.Tensor) -> FixedPointResult:
+        if not self.config.implicit:
+            z, states = fn(embeddings)
+            return FixedPointResult(z, states, None)
+        settings = SolverSettings.from_config(self.config, training=self.training)
+        return solve_fixed_point(fn, torch.zeros_like(embeddings), settings)
+
+    def _validate_inputs(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.dim() < 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"Empty input: expected (batch, seq_len) with both > 0, got shape {tuple(tokens.shape)}.")
+        if input_ids is not None:
+            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"Token ids must lie in [0, {self.config.vocab_size}) (config.vocab_size); got ids in [{low}, {high}]."
+                )
+
+    @staticmethod
+    def _prepare_mask(
+        attention_mask: torch.Tensor | None, batch: int, seq_len: int, past_len: int
+    ) -> torch.Tensor | None:
+        """Return the `(batch, past_len + seq_len)` 0/1 mask covering cached and new tokens, or None (no padding)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+            raise ValueError(f"attention_mask must have shape (batch={batch}, length); got {tuple(attention_mask.shape)}.")
+        length = attention_mask.shape[1]
+        if length == seq_len and past_len > 0:
+            raise ValueError(
+                f"attention_mask covers only the {seq_len} new tokens but the cache holds {past_len}; pass the mask of "
+                f"the whole sequence, shape ({batch}, {past_len + seq_len})."
+            )
+        if length != past_len + seq_len:
+            raise ValueError(
+                f"attention_mask has length {length}; expected {past_len + seq_len} (cached {past_len} + new {seq_len})."
+            )
+        if bool(attention_mask.all()):
+            return None
+        return attention_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: ImplicitCache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImplicitModelOutput | tuple:
+        if output_hidden_states or output_attentions:
+            raise ValueError(
+                "Implicit models iterate one layer stack to a fixed point; per-layer hidden states and attention maps "
+                "are not returned. Use `last_hidden_state` (the fixed point)."
+            )
+        self.config.validate()
+        self._validate_inputs(input_ids, inputs_embeds)
+        if past_key_values is not None and not isinstance(past_key_values, ImplicitCache):
+            raise TypeError(
+                f"past_key_values must be the model's own cache ({type(self.make_cache()).__name__}); "
+                f"got {type(past_key_values).__name__}."
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training:
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = self.make_cache()
+        past_len = cache.get_seq_length() if cache is not None else 0
+        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
+        stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
+        injection = self.injection(inputs_embeds) if self.config.implicit else None
+
+        if self._solve_mode(seq_len, past_key_values) == "simultaneous":
+            fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
+            result = self._solve(fn, inputs_embeds)
+            if cache is not None:
+                cache.commit(result.aux, seq_len)
+            hidden, stats = result.z, result.stats
+        else:
+            # Token by token; a cache is needed to carry the committed states even when none is returned.
+            cache = cache if cache is not None else self.make_cache()
+            outputs, token_stats = [], []
+            for t in range(seq_len):
+                token_injection = None if injection is None else injection[:, t : t + 1]
+                token_inputs = stack_inputs.token(t, past_len)
+                fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
+                result = self._solve(fn, inputs_embeds[:, t : t + 1])
+                cache.commit(result.aux, 1)
+                outputs.append(result.z)
+                token_stats.append(result.stats)
+            hidden = torch.cat(outputs, dim=1)
+            stats = SolverStats.stack(token_stats) if self.config.implicit else None
+
+        if not self.training:  # a training cap is part of the recipe (the bounded phase never converges)
+            _warn_if_not_converged(stats)
+        output = ImplicitModelOutput(
+            last_hidden_state=hidden, past_key_values=cache if use_cache else None, solver_stats=stats
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class ImplicitCausalLMMixin:
+    """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs.
+
+    Requires on the subclass: the backbone under `base_model_prefix` and `lm_head`.
+    """
+
+    _is_stateful = True  # no assisted decoding: recurrent states cannot be rolled back
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.base_model.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: ImplicitCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImplicitCausalLMOutput | tuple:
+        outputs = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = at_least_float32(self.lm_head(hidden[:, keep].to(self.lm_head.weight.dtype)))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = ImplicitCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, solver_stats=outputs.solver_stats
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
+        # generate() would build a DynamicCache (under `cache_params` for classes named *Mamba*); ours is built lazily
+        # on the first forward, so it sees the batch already expanded for beams / num_return_sequences.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = self.base_model.make_cache()

@@ -1,0 +1,89 @@
+"""Configuration of the implicit Mamba2 language model."""
+
+from __future__ import annotations
+
+from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require
+
+
+class ImplicitMamba2Config(ImplicitPretrainedConfig):
+    r"""
+    Configuration of [`ImplicitMamba2ForCausalLM`]: a stack of pre-norm residual Mamba2 blocks iterated to a fixed
+    point, with the input injected into every block's input projection.
+
+    Inherits the solver and common fields of [`ImplicitPretrainedConfig`] (documented there, once). Mamba2 fields
+    (names as in transformers' `Mamba2Config`):
+        state_size (`int`, defaults to 128): SSM state size `N` per head.
+        head_dim (`int`, defaults to 64): channels per SSM head `P`; must divide `expand * hidden_size`.
+        expand (`int`, defaults to 2): inner width of the mixer is `expand * hidden_size`.
+        n_groups (`int`, defaults to 1): groups sharing `B` and `C`; must divide the number of heads.
+        conv_kernel (`int`, defaults to 4): width of the causal depthwise convolution.
+        chunk_size (`int`, defaults to 256): chunk length of the parallel (SSD) scan, in tokens.
+        use_bias (`bool`, defaults to `False`): bias in the mixers' `in_proj` and `out_proj`.
+        use_conv_bias (`bool`, defaults to `True`): bias in the convolution.
+        time_step_min / time_step_max (`float`, defaults to 0.001 / 0.1): range of the initial time step `dt`.
+        time_step_floor (`float`, defaults to 1e-4): lower clamp of the initial `dt`.
+        time_step_limit (`tuple[float, float]`, defaults to `(0.0, inf)`): clamp of `dt` in every forward.
+        A_init_range (`tuple[float, float]`, defaults to `(1.0, 16.0)`): range of the initial decay rates `-A`.
+        rescale_prenorm_residual (`bool`, defaults to `True`): divide the initial `out_proj` weights by
+            `sqrt(num_hidden_layers)` (GPT-2 scheme, as mamba does).
+
+    The input injection (RMSNorm, then a Linear with bias from `hidden_size` to the in-projection width
+    `2 * expand * hidden_size + 2 * n_groups * state_size + num_heads`) exists only when `implicit=True`.
+    """
+
+    model_type = "implicit_mamba2"
+
+    state_size: int = 128
+    head_dim: int = 64
+    expand: int = 2
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 256
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
+    A_init_range: list[float] | tuple[float, ...] = (1.0, 16.0)
+    rescale_prenorm_residual: bool = True
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.expand * self.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.intermediate_size // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: x, B and C."""
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    @property
+    def in_proj_size(self) -> int:
+        """Width of the in-projection (gate, x, B, C, dt), which the input injection matches."""
+        return self.intermediate_size + self.conv_dim + self.num_heads
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("state_size", "head_dim", "expand", "n_groups", "conv_kernel", "chunk_size"):
+            _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
+        _require(
+            self.intermediate_size % self.head_dim == 0,
+            "head_dim",
+            self.head_dim,
+            f"a divisor of expand * hidden_size = {self.intermediate_size}",
+        )
+        _require(
+            self.num_heads % self.n_groups == 0,
+            "n_groups",
+            self.n_groups,
+            f"a divisor of the number of heads ({self.num_heads})",
+        )
+        _require(0 < self.time_step_min <= self.time_step_max, "time_step_min", self.time_step_min, "in (0, time_step_max]")
+        limit = tuple(self.time_step_limit)
+        _require(len(limit) == 2 and 0 <= limit[0] < limit[1], "time_step_limit", self.time_step_limit, "(low, high) with 0 <= low < high")
+        a_range = tuple(self.A_init_range)
+        _require(len(a_range) == 2 and 0 < a_range[0] <= a_range[1], "A_init_range", self.A_init_range, "(low, high) with 0 < low <= high")

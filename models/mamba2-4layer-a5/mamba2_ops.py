@@ -1,0 +1,149 @@
+"""Pure-PyTorch Mamba2 operations: the reference implementations every fused kernel is tested against.
+
+All functions are side-effect free: states come in as arguments and new states are returned, never written in place,
+because a fixed-point iteration evaluates the same token many times against the same committed state.
+Shapes: b = batch, l = sequence, h = heads, p = head_dim, g = groups, n = state_size, c = channels, k = conv kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .numerics import at_least_float32
+
+
+def causal_conv1d_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution followed by SiLU.
+
+    Args:
+        x: `(b, c, l)` inputs.
+        weight: `(c, k)` filters.
+        bias: `(c,)` or `None`.
+        state: `(b, c, k - 1)` the inputs preceding `x` (zeros at the start of a sequence), or `None` for zeros.
+
+    Returns:
+        `(b, c, l)` outputs and the new state `(b, c, k - 1)`: the last `k - 1` inputs.
+    """
+    width = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[1], width - 1)
+    padded = torch.cat([state.to(x.dtype), x], dim=-1)
+    out = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=x.shape[1])
+    return F.silu(out), padded[..., padded.shape[-1] - (width - 1) :]
+
+
+def _segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """`out[..., i, j] = sum(x[..., j+1 : i+1])` for `i >= j`, `-inf` above the diagonal; stable (no differences of
+    cumulative sums)."""
+    length = x.shape[-1]
+    x = x[..., None].expand(*x.shape, length)
+    strict_lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strict_lower, 0)
+    sums = torch.cumsum(x, dim=-2)
+    lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=0)
+    return sums.masked_fill(~lower, -torch.inf)
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba2's selective state-space scan in chunked (SSD) form, parallel over the sequence.
+
+    Computes `h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T`, `y_t = h_t C_t + D x_t` for all `t` at once.
+
+    Args:
+        x: `(b, l, h, p)` inputs.
+        dt: `(b, l, h)` time steps, already passed through softplus, clamped and masked (`dt = 0` leaves the state
+            untouched, which is how padding is skipped).
+        A: `(h,)` negative decay rates.
+        B, C: `(b, l, g, n)` input and output projections.
+        D: `(h,)` skip connection.
+        chunk_size: tokens per chunk.
+        initial_state: `(b, h, p, n)` state before the first token, or `None` for zeros.
+
+    Returns:
+        `y` `(b, l, h, p)` in float32 and the final state `(b, h, p, n)` in float32.
+    """
+    batch, length, heads, head_dim = x.shape
+    groups = B.shape[2]
+    x, dt = at_least_float32(x), at_least_float32(dt)
+    B = at_least_float32(B).repeat_interleave(heads // groups, dim=2)
+    C = at_least_float32(C).repeat_interleave(heads // groups, dim=2)
+    pad = (-length) % chunk_size
+    x_dt = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))
+    decay = F.pad(dt * at_least_float32(A), (0, 0, 0, pad))  # zero log-decay on padding: state passes through unchanged
+    B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C))
+    chunks = (length + pad) // chunk_size
+
+    x_dt = x_dt.reshape(batch, chunks, chunk_size, heads, head_dim)
+    B = B.reshape(batch, chunks, chunk_size, heads, -1)
+    C = C.reshape(batch, chunks, chunk_size, heads, -1)
+    decay = decay.reshape(batch, chunks, chunk_size, heads).permute(0, 3, 1, 2)  # (b, h, c, l)
+    decay_cumsum = torch.cumsum(decay, dim=-1)
+
+    # 1. Outputs within each chunk (the quadratic, attention-like form).
+    within = torch.exp(_segment_sum(decay))  # (b, h, c, l, s)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * within
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+
+    # 2. State contributed by each chunk, decayed to the chunk's end.
+    to_end = torch.exp(decay_cumsum[..., -1:] - decay_cumsum)  # (b, h, c, l)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, x_dt)
+
+    # 3. Recurrence over chunks gives the state entering each chunk.
+    if initial_state is None:
+        initial_state = chunk_states.new_zeros(batch, heads, head_dim, chunk_states.shape[-1])
+    chunk_states = torch.cat([at_least_float32(initial_state)[:, None], chunk_states], dim=1)
+    across = torch.exp(_segment_sum(F.pad(decay_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    entering = torch.einsum("bhzc,bchpn->bzhpn", across, chunk_states)
+    entering, final_state = entering[:, :-1], entering[:, -1]
+
+    # 4. Contribution of the entering state to each position.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(decay_cumsum))
+
+    y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    return y + x * at_least_float32(D)[:, None], final_state
+
+
+def ssd_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the scan: `x (b, h, p)`, `dt (b, h)`, `B, C (b, g, n)`, `state (b, h, p, n)`.
+
+    Returns `y (b, h, p)` and the new state, both float32; `state` is not modified.
+    """
+    heads, groups = x.shape[1], B.shape[1]
+    x, dt = at_least_float32(x), at_least_float32(dt)
+    B = at_least_float32(B).repeat_interleave(heads // groups, dim=1)
+    C = at_least_float32(C).repeat_interleave(heads // groups, dim=1)
+    decay = torch.exp(dt * at_least_float32(A))[..., None, None]
+    new_state = at_least_float32(state) * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C) + x * at_least_float32(D)[:, None]
+    return y, new_state
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
+) -> torch.Tensor:
+    """Mamba2's output norm: `RMSNorm(x * silu(gate))` with the statistics taken per group of `group_size` channels."""
+    dtype = gate.dtype
+    hidden = at_least_float32(x) * F.silu(at_least_float32(gate))
+    grouped = hidden.unflatten(-1, (-1, group_size))
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * grouped.flatten(-2).to(dtype)

@@ -1,0 +1,282 @@
+"""Implicit Mamba2: a stack of Mamba2 blocks iterated to a fixed point, as a transformers causal LM.
+
+f(z, x) = norm_f(blocks(z, u)), u = injection(RMSNorm(embed(x))) added to every block's in-projection output.
+With `implicit=False` the same modules give the explicit Mamba2: no injection, one pass from the embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .configuration_implicit_mamba2 import ImplicitMamba2Config
+from .mamba2_ops import causal_conv1d_silu, gated_rms_norm, ssd_chunk_scan, ssd_step
+from .modeling_implicit_utils import (
+    ImplicitBackboneMixin,
+    ImplicitCache,
+    ImplicitCausalLMMixin,
+    ImplicitCheckpointingMixin,
+    InputInjection,
+    RMSNorm,
+    StackInputs,
+)
+from .numerics import at_least_float32
+
+Mamba2States = tuple[torch.Tensor, torch.Tensor]
+
+
+class ImplicitMamba2Cache(ImplicitCache):
+    """Fixed-point states of every layer for sequential generation.
+
+    `states = (conv_states, ssm_states)` with shapes `(batch, num_layers, conv_dim, conv_kernel - 1)` (the last inputs
+    of each layer's convolution, model dtype) and `(batch, num_layers, num_heads, head_dim, state_size)` (float32).
+    Both are replaced as a whole at each commit: a recurrent state summarises the whole past.
+    """
+
+    def _merge(self, new_states: Mamba2States) -> Mamba2States:
+        return new_states
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(hidden_states, gate, self.weight, self.variance_epsilon, self.group_size)
+
+
+class ImplicitMamba2Mixer(nn.Module):
+    """Mamba2 mixer (transformers/mamba weight layout) that accepts an injected input and never writes states.
+
+    Padding (mask 0) is skipped inside the recurrence: its projections, convolution outputs and time steps are
+    zeroed, so it neither feeds nor decays the SSM state, and its output is zero.
+    """
+
+    def __init__(self, config: ImplicitMamba2Config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.state_size = config.state_size
+        self.n_groups = config.n_groups
+        self.intermediate_size = config.intermediate_size
+        self.conv_dim = config.conv_dim
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        self.in_proj = nn.Linear(config.hidden_size, config.in_proj_size, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.conv_kernel,
+            groups=self.conv_dim,
+            padding=config.conv_kernel - 1,
+            bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(
+            self.intermediate_size, self.intermediate_size // self.n_groups, eps=config.layer_norm_epsilon
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Mamba2States]:
+        batch, seq_len, _ = hidden_states.shape
+        keep = None if mask is None else mask[..., None].to(hidden_states.dtype)
+        projected = self.in_proj(hidden_states)
+        if injection is not None:
+            projected = projected + injection
+        if keep is not None:
+            projected = projected * keep
+        gate, xbc, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+
+        xbc, new_conv_state = causal_conv1d_silu(
+            xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state
+        )
+        xbc = xbc.transpose(1, 2)
+        if keep is not None:
+            xbc = xbc * keep
+        group_width = self.n_groups * self.state_size
+        x, B, C = xbc.split([self.intermediate_size, group_width, group_width], dim=-1)
+
+        dt = F.softplus(at_least_float32(dt) + at_least_float32(self.dt_bias)).clamp(*self.time_step_limit)
+        if mask is not None:
+            dt = dt * mask[..., None].to(dt.dtype)
+        A = -torch.exp(at_least_float32(self.A_log))
+        if seq_len == 1:
+            if ssm_state is None:
+                ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+            y, new_ssm_state = ssd_step(
+                x[:, 0].view(batch, self.num_heads, self.head_dim),
+                dt[:, 0],
+                A,
+                B[:, 0].view(batch, self.n_groups, self.state_size),
+                C[:, 0].view(batch, self.n_groups, self.state_size),
+                self.D,
+                ssm_state,
+            )
+        else:
+            y, new_ssm_state = ssd_chunk_scan(
+                x.view(batch, seq_len, self.num_heads, self.head_dim),
+                dt,
+                A,
+                B.view(batch, seq_len, self.n_groups, self.state_size),
+                C.view(batch, seq_len, self.n_groups, self.state_size),
+                self.D,
+                self.chunk_size,
+                initial_state=ssm_state,
+            )
+        y = self.norm(y.reshape(batch, seq_len, self.intermediate_size), gate)
+        out = self.out_proj(y.to(hidden_states.dtype))
+        if keep is not None:
+            out = out * keep
+        return out, (new_conv_state, new_ssm_state)
+
+
+class ImplicitMamba2Block(GradientCheckpointingLayer):
+    """Pre-norm residual block: `z + mixer(norm(z), injection)`."""
+
+    def __init__(self, config: ImplicitMamba2Config):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = ImplicitMamba2Mixer(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Mamba2States]:
+        residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
+        mixed, states = self.mixer(
+            self.norm(hidden_states.to(self.norm.weight.dtype)), injection, mask, conv_state, ssm_state
+        )
+        return residual + mixed, states
+
+
+class ImplicitMamba2PreTrainedModel(ImplicitCheckpointingMixin, PreTrainedModel):
+    config_class = ImplicitMamba2Config
+    config: ImplicitMamba2Config
+    base_model_prefix = "backbone"
+    _no_split_modules = ["ImplicitMamba2Block"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InputInjection):
+            module.init_weights()
+        elif isinstance(module, ImplicitMamba2Mixer):
+            config = self.config
+            low, high = config.A_init_range
+            init.copy_(module.A_log, torch.log(torch.empty(module.num_heads).uniform_(low, high)))
+            init.ones_(module.D)
+            dt = torch.exp(
+                torch.rand(module.num_heads) * (math.log(config.time_step_max) - math.log(config.time_step_min))
+                + math.log(config.time_step_min)
+            ).clamp(min=config.time_step_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+            # PyTorch's default Linear bound 1/sqrt(fan_in), divided by sqrt(num_layers) for the GPT-2 scheme.
+            bound = module.out_proj.in_features**-0.5
+            if config.rescale_prenorm_residual:
+                bound /= math.sqrt(config.num_hidden_layers)
+            init.uniform_(module.out_proj.weight, -bound, bound)
+
+
+class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
+    """Embeddings, the shared input injection, the Mamba2 stack and its final norm, solved to a fixed point.
+
+    `forward(input_ids | inputs_embeds, attention_mask, past_key_values, use_cache)` returns an
+    `ImplicitModelOutput`; see `ImplicitBackboneMixin.forward` for the modes.
+    """
+
+    def __init__(self, config: ImplicitMamba2Config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.implicit:
+            self.injection = InputInjection(config.hidden_size, config.in_proj_size, config.layer_norm_epsilon)
+        else:
+            self.injection = None
+        self.layers = nn.ModuleList([ImplicitMamba2Block(config) for _ in range(config.num_hidden_layers)])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def make_cache(self) -> ImplicitMamba2Cache:
+        return ImplicitMamba2Cache()
+
+    def _evaluate_stack(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        stack_inputs: StackInputs,
+        cache: ImplicitMamba2Cache | None,
+        return_states: bool,
+    ) -> tuple[torch.Tensor, Mamba2States | None]:
+        """One pass of the stack and `norm_f` against the committed states in `cache`, which it only reads."""
+        mask = stack_inputs.padding_mask
+        past = cache.states if cache is not None else None
+        conv_states, ssm_states = [], []
+        for index, layer in enumerate(self.layers):
+            hidden_states, (conv_state, ssm_state) = layer(
+                hidden_states,
+                injection,
+                mask,
+                None if past is None else past[0][:, index],
+                None if past is None else past[1][:, index],
+            )
+            conv_states.append(conv_state)
+            ssm_states.append(ssm_state)
+        hidden_states = self.norm_f(hidden_states)
+        if not return_states:
+            return hidden_states, None
+        return hidden_states, (torch.stack(conv_states, dim=1), torch.stack(ssm_states, dim=1))
+
+
+class ImplicitMamba2ForCausalLM(ImplicitCausalLMMixin, ImplicitMamba2PreTrainedModel, GenerationMixin):
+    """Implicit Mamba2 language model. Full-sequence forwards are solved in simultaneous mode (or sequential, per
+    `config.inference_mode`); `generate()` prefills per `config.prefill_mode` and decodes token by token, iterating
+    each token to its fixed point against the committed `ImplicitMamba2Cache` before committing it once."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: ImplicitMamba2Config):
+        super().__init__(config)
+        self.backbone = ImplicitMamba2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "ImplicitMamba2Cache",
+    "ImplicitMamba2ForCausalLM",
+    "ImplicitMamba2Model",
+    "ImplicitMamba2PreTrainedModel",
+]
