@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from model_cards import validate_model_card
 
@@ -23,7 +24,9 @@ def test_state_tracking_experiment(tmp_path):
     run, bundle = tmp_path / "run", tmp_path / "models"
     arguments = ["--output-dir", str(run), "--models", "implicit-mamba2,mamba2-4layer", "--steps-scale", "0.002",
                  "--num-samples", "2", "--hidden-size", "16", "--bundle-dir", str(bundle)]
+    threads = torch.get_num_threads()
     payload = experiment.main(arguments)
+    assert torch.get_num_threads() == threads  # evaluation used every core, then gave the setting back
     results = payload["results"]
     assert set(results) == {"implicit-mamba2", "mamba2-4layer"}
     for entry in results.values():

@@ -8,15 +8,17 @@ so an interrupted experiment continues where it stopped; the time each job took 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -29,6 +31,17 @@ class JobError(RuntimeError):
 
 def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Every core for this process's own work (the evaluation after the jobs), restoring the thread count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def finetune_command(*arguments: str) -> list[str]:

@@ -26,14 +26,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from conversion.checkpoint_io import atomic_output_dir
@@ -46,7 +44,7 @@ from eval.state_tracking import (
     plot_length_generalization,
 )
 from training.curriculum import NO_EARLY_STOP
-from training.runner import finetune_command, run_logged, run_parallel, threads_per_job
+from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +306,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings = {timing["name"]: timing["stage_seconds"] for timing in trained}
     train_seconds = time.perf_counter() - start
 
-    torch.set_num_threads(os.cpu_count() or 1)
     results = {}
     for spec in tqdm(specs, desc="evaluating", unit="model"):
         model, _ = load_model(str(final_folder(args.output_dir, spec)))
-        rows = length_generalization(model, args.group, list(EVAL_LENGTHS), args.num_samples, seed=EVAL_SEED)
+        with all_threads():
+            rows = length_generalization(model, args.group, list(EVAL_LENGTHS), args.num_samples, seed=EVAL_SEED)
         results[spec.name] = {"path": str(final_folder(args.output_dir, spec)), "implicit": spec.implicit,
                               "parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
                               "stage_seconds": timings.get(spec.name)}

@@ -24,12 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from conversion.checkpoint_io import atomic_output_dir
 from eval.common import atomic_write, load_model, run_metadata, write_json
 from eval.stories import answer_accuracy, build_tokenizer, format_table, generate_stories, plot
-from training.runner import finetune_command, run_logged, run_parallel, threads_per_job
+from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +192,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = run_parallel(lambda spec: train_model(spec, args, threads), MODELS, args.jobs, desc="models")
     train_seconds = time.perf_counter() - start
 
-    torch.set_num_threads(threads_per_job(1))
     results = {}
     for spec, train_time in zip(MODELS, seconds):
         model, tokenizer = load_model(str(args.output_dir / spec.name / "train" / "final"))
-        rows = answer_accuracy(model, tokenizer, list(EVAL_LENGTHS), args.stories_per_length, EVAL_SEED,
-                               questions=None)  # a question after every event, as in training
+        with all_threads():
+            rows = answer_accuracy(model, tokenizer, list(EVAL_LENGTHS), args.stories_per_length, EVAL_SEED,
+                                   questions=None)  # a question after every event, as in training
         results[spec.name] = {"parameters": sum(p.numel() for p in model.parameters()), "implicit": spec.implicit,
                               "train_seconds": train_time, "rows": rows}
     total_seconds = time.perf_counter() - start
