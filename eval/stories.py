@@ -154,6 +154,12 @@ def generate_stories(num_stories: int, min_events: int, max_events: int, seed: i
     return [generate_story(rng, rng.randint(min_events, max_events), questions) for _ in range(num_stories)]
 
 
+def write_stories(path: Path, stories: list[Story]) -> None:
+    """JSONL, one `{"text", "events"}` record per story (the form `training.finetune --data` reads), atomically."""
+    lines = "".join(json.dumps({"text": story.text(), "events": len(story.events)}) + "\n" for story in stories)
+    atomic_write(path, lambda temporary: temporary.write_text(lines))
+
+
 def vocabulary() -> list[str]:
     """Every word a story can contain (the tokenizer's word list): the generator's sentences are closed over it."""
     words = {"went", "to", "the", "picked", "up", "dropped", "where", "is", "in", ".", "?"}
@@ -310,8 +316,7 @@ def main(argv: list[str] | None = None) -> list[Story] | dict[str, Any]:
                                    args.questions or args.max_events)
     except ValueError as error:
         raise EvalError(str(error)) from error
-    lines = "".join(json.dumps({"text": s.text(), "events": len(s.events)}) + "\n" for s in stories)
-    atomic_write(args.output, lambda temporary: temporary.write_text(lines))
+    write_stories(args.output, stories)
     print(f"wrote {len(stories)} stories to {args.output}")
     return stories
 

@@ -419,3 +419,9 @@ def test_phantom_memory_does_not_grow_with_iterations():
         unrolled = [r.saved_bytes for r in results if r.family == family and r.backward == "unrolled"]
         assert phantom[0] == phantom[1] > 0
         assert unrolled[1] > 2 * unrolled[0]
+
+
+def test_save_round_trips_through_load(tmp_path):
+    curriculum = Curriculum.paper("mamba2")
+    curriculum.save(tmp_path / "curriculum.json")
+    assert Curriculum.load(tmp_path / "curriculum.json") == curriculum

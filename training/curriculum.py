@@ -173,6 +173,10 @@ class Curriculum:
         """JSON/YAML-serialisable form, read back by `from_dict`."""
         return {"phases": [dataclasses.asdict(phase) for phase in self.phases]}
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the `to_dict` form as JSON, for `--curriculum FILE` (read back by `load`)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
     def fingerprint(self) -> str:
         """Short hash of `to_dict()`: equal for equal curricula, for detecting a changed curriculum on resume."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

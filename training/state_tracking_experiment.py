@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -43,10 +42,8 @@ from eval.state_tracking import (
     length_generalization,
     plot_length_generalization,
 )
-from training.curriculum import NO_EARLY_STOP
+from training.curriculum import NO_EARLY_STOP, Curriculum, Phase
 from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
-
-logger = logging.getLogger(__name__)
 
 EVAL_LENGTHS = (32, 64, 128, 256)
 TRAIN_LENGTH = 32
@@ -128,15 +125,11 @@ def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batc
     """The finetune command of stage `index` of `spec` and the folder it trains into."""
     stage = spec.stages[index]
     output = model_dir / f"stage-{index + 1}"
-    curriculum = {"phases": [{
-        "name": f"stage-{index + 1}", "fraction": 1.0, "max_iterations": stage.max_iterations,
-        "tolerance": stage.tolerance, "phantom_steps": stage.phantom_steps, "backward": spec.backward,
-    }]}
-    curriculum_path = model_dir / f"stage-{index + 1}-curriculum.json"
-    curriculum_path.write_text(json.dumps(curriculum, indent=2) + "\n")
-    if not spec.implicit:  # no solver to configure
-        curriculum_path.unlink()
-        curriculum_path = "none"
+    curriculum_path = "none"  # explicit models: no solver to configure
+    if spec.implicit:
+        curriculum_path = model_dir / f"stage-{index + 1}-curriculum.json"
+        Curriculum((Phase(f"stage-{index + 1}", 1.0, stage.max_iterations, stage.tolerance, stage.phantom_steps,
+                          spec.backward),)).save(curriculum_path)
     source = ["--model", str(model_dir / "config"), "--random-init"] if index == 0 else [
         "--model", str(model_dir / f"stage-{index}" / "final")]
     command = finetune_command(

@@ -16,7 +16,6 @@ whose `final/` folder exists are not rerun.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -26,10 +25,9 @@ from typing import Any
 
 from conversion.checkpoint_io import atomic_output_dir
 from eval.common import atomic_write, load_model, run_metadata, write_json
-from eval.stories import answer_accuracy, build_tokenizer, format_table, generate_stories, plot
+from eval.stories import answer_accuracy, build_tokenizer, format_table, generate_stories, plot, write_stories
+from training.curriculum import NO_EARLY_STOP, Curriculum, Phase
 from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
-
-logger = logging.getLogger(__name__)
 
 EVAL_LENGTHS = (2, 4, 8, 16, 32)
 EVAL_SEED = 1
@@ -50,16 +48,14 @@ class StoryModel:
 MODELS = (StoryModel("implicit-mamba2", 1, True), StoryModel("mamba2-2layer", 2, False))
 # The paper's two-phase curriculum, shortened: (4+1) for 70% of the steps, then up to 16 iterations to a relative
 # residual of 0.05 with 2 phantom steps.
-CURRICULUM = {"phases": [
-    {"name": "bounded", "fraction": 0.7, "max_iterations": 4, "tolerance": 1e-30, "phantom_steps": 1},
-    {"name": "free", "fraction": 0.3, "max_iterations": 16, "tolerance": 0.05, "phantom_steps": 2},
-]}
+CURRICULUM = Curriculum((
+    Phase("bounded", 0.7, max_iterations=4, tolerance=NO_EARLY_STOP, phantom_steps=1),
+    Phase("free", 0.3, max_iterations=16, tolerance=0.05, phantom_steps=2),
+))
 
 
 def write_corpus(path: Path, num_stories: int, seed: int) -> None:
-    stories = generate_stories(num_stories, MIN_EVENTS, MAX_EVENTS, seed, QUESTIONS_PER_STORY)
-    lines = "".join(json.dumps({"text": story.text(), "events": len(story.events)}) + "\n" for story in stories)
-    atomic_write(path, lambda temporary: temporary.write_text(lines))
+    write_stories(path, generate_stories(num_stories, MIN_EVENTS, MAX_EVENTS, seed, QUESTIONS_PER_STORY))
 
 
 def build_config(spec: StoryModel, tokenizer: Any, hidden_size: int) -> Any:
@@ -80,7 +76,7 @@ def train_model(spec: StoryModel, args: argparse.Namespace, threads: int) -> flo
     curriculum = "none"
     if spec.implicit:
         curriculum = str(model_dir / "curriculum.json")
-        Path(curriculum).write_text(json.dumps(CURRICULUM, indent=2) + "\n")
+        CURRICULUM.save(curriculum)
     command = finetune_command(
         "--model", str(model_dir / "config"), "--random-init", "--tokenizer", str(args.output_dir / "tokenizer"),
         "--data", str(args.output_dir / "train.jsonl"), "--eval-data", str(args.output_dir / "valid.jsonl"),
