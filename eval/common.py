@@ -23,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 IMPLICIT_MODEL_TYPES = ("implicit_mamba2", "implicit_llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _boolean(value: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no) for a boolean config field."""
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 # Command-line flag -> config field of the solver settings a user may override at evaluation time.
 SOLVER_FLAGS = {
     "eval_max_iterations": int,
@@ -31,6 +43,9 @@ SOLVER_FLAGS = {
     "solver": str,
     "damping": float,
     "stop_mode": str,
+    "warm_start": _boolean,
+    "convergence_check_interval": int,
+    "cuda_graph_decoding": _boolean,
 }
 
 

@@ -75,6 +75,7 @@ class ImplicitLlamaCache(ImplicitCache):
             return
         keep = max(self.seen_tokens + tokens_to_remove, 0)
         self.states = tuple(s[:, :, :keep] for s in self.states)
+        self.fixed_point = None  # the fixed point of the new last token is not kept: the next solve starts cold
         self.seen_tokens = keep
 
     @property

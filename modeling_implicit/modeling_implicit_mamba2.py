@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
-from .mamba2_ops import causal_conv1d_silu, gated_rms_norm, ssd_chunk_scan, ssd_step
+from .kernels import causal_conv1d_silu, mamba2_decode_step, ssd_chunk_scan
+from .mamba2_ops import gated_rms_norm, time_step
 from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
@@ -39,8 +39,9 @@ class ImplicitMamba2Cache(ImplicitCache):
     Both are replaced as a whole at each commit: a recurrent state summarises the whole past.
     """
 
-    def _merge(self, new_states: Mamba2States) -> Mamba2States:
-        return new_states
+    def _merge(self, new_states: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]) -> Mamba2States:
+        # The stack returns per-layer states (no copy per solver iteration); they are stacked once, here.
+        return tuple(torch.stack(per_layer, dim=1) for per_layer in new_states)
 
 
 class GatedRMSNorm(nn.Module):
@@ -104,7 +105,27 @@ class ImplicitMamba2Mixer(nn.Module):
         if keep is not None:
             projected = projected * keep
         gate, xbc, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if seq_len == 1:
+            y, new_conv_state, new_ssm_state = self._step(xbc[:, 0], dt[:, 0], mask, conv_state, ssm_state)
+        else:
+            y, new_conv_state, new_ssm_state = self._scan(xbc, dt, mask, keep, conv_state, ssm_state)
+        y = self.norm(y.reshape(batch, seq_len, self.intermediate_size), gate)
+        out = self.out_proj(y.to(hidden_states.dtype))
+        if keep is not None:
+            out = out * keep
+        return out, (new_conv_state, new_ssm_state)
 
+    def _scan(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        mask: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Convolution and chunked scan over a sequence (simultaneous mode, prefill)."""
+        batch, seq_len, _ = xbc.shape
         xbc, new_conv_state = causal_conv1d_silu(
             xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state
         )
@@ -113,39 +134,49 @@ class ImplicitMamba2Mixer(nn.Module):
             xbc = xbc * keep
         group_width = self.n_groups * self.state_size
         x, B, C = xbc.split([self.intermediate_size, group_width, group_width], dim=-1)
+        y, new_ssm_state = ssd_chunk_scan(
+            x.reshape(batch, seq_len, self.num_heads, self.head_dim),
+            time_step(dt, self.dt_bias, self.time_step_limit, mask),
+            -torch.exp(at_least_float32(self.A_log)),
+            B.reshape(batch, seq_len, self.n_groups, self.state_size),
+            C.reshape(batch, seq_len, self.n_groups, self.state_size),
+            self.D,
+            self.chunk_size,
+            initial_state=ssm_state,
+        )
+        return y, new_conv_state, new_ssm_state
 
-        dt = F.softplus(at_least_float32(dt) + at_least_float32(self.dt_bias)).clamp(*self.time_step_limit)
-        if mask is not None:
-            dt = dt * mask[..., None].to(dt.dtype)
-        A = -torch.exp(at_least_float32(self.A_log))
-        if seq_len == 1:
-            if ssm_state is None:
-                ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
-            y, new_ssm_state = ssd_step(
-                x[:, 0].view(batch, self.num_heads, self.head_dim),
-                dt[:, 0],
-                A,
-                B[:, 0].view(batch, self.n_groups, self.state_size),
-                C[:, 0].view(batch, self.n_groups, self.state_size),
-                self.D,
-                ssm_state,
-            )
-        else:
-            y, new_ssm_state = ssd_chunk_scan(
-                x.view(batch, seq_len, self.num_heads, self.head_dim),
-                dt,
-                A,
-                B.view(batch, seq_len, self.n_groups, self.state_size),
-                C.view(batch, seq_len, self.n_groups, self.state_size),
-                self.D,
-                self.chunk_size,
-                initial_state=ssm_state,
-            )
-        y = self.norm(y.reshape(batch, seq_len, self.intermediate_size), gate)
-        out = self.out_proj(y.to(hidden_states.dtype))
-        if keep is not None:
-            out = out * keep
-        return out, (new_conv_state, new_ssm_state)
+    def _step(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token against the committed states (sequential mode), which it reads and never writes."""
+        batch = xbc.shape[0]
+        if conv_state is None:
+            conv_state = xbc.new_zeros(batch, self.conv_dim, self.conv1d.kernel_size[0] - 1)
+        if ssm_state is None:
+            ssm_state = xbc.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+        return mamba2_decode_step(
+            xbc,
+            dt=dt,
+            keep=None if mask is None else mask[:, 0],
+            conv_state=conv_state,
+            conv_weight=self.conv1d.weight.squeeze(1),
+            conv_bias=self.conv1d.bias,
+            dt_bias=self.dt_bias,
+            A_log=self.A_log,
+            D=self.D,
+            ssm_state=ssm_state,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            state_size=self.state_size,
+            n_groups=self.n_groups,
+            time_step_limit=self.time_step_limit,
+        )
 
 
 class ImplicitMamba2Block(GradientCheckpointingLayer):
@@ -257,7 +288,7 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         hidden_states = self.norm_f(hidden_states)
         if not return_states:
             return hidden_states, None
-        return hidden_states, (torch.stack(conv_states, dim=1), torch.stack(ssm_states, dim=1))
+        return hidden_states, (tuple(conv_states), tuple(ssm_states))
 
 
 class ImplicitMamba2ForCausalLM(ImplicitCausalLMMixin, ImplicitMamba2PreTrainedModel, GenerationMixin):

@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .decode_graphs import DecodeGraphs
 from .numerics import at_least_float32
 from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
 
@@ -152,25 +153,29 @@ class ImplicitCache(Cache):
 
     `states` is a tuple of tensors with the batch in dimension 0 (what the model's `_evaluate_stack` returns).
     The solver only reads them while iterating on new tokens; `commit` stores the converged result once.
-    Subclasses define how new states merge with the committed ones (`_merge`).
+    Subclasses define how new states merge with the committed ones (`_merge`). `fixed_point` is the last token's
+    fixed point `(batch, 1, hidden_size)`, the start of the next token's solve with `config.warm_start`.
     """
 
     def __init__(self) -> None:
         super().__init__(layers=[])
         self.states: tuple[torch.Tensor, ...] | None = None
+        self.fixed_point: torch.Tensor | None = None
         self.seen_tokens = 0
 
     def _merge(self, new_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def commit(self, new_states: tuple[torch.Tensor, ...], num_tokens: int) -> None:
-        """Store the fixed-point states reached after `num_tokens` more tokens."""
-        if self.states is not None and new_states[0].shape[0] != self.states[0].shape[0]:
+    def commit(self, new_states: tuple, num_tokens: int, fixed_point: torch.Tensor | None = None) -> None:
+        """Store the fixed-point states reached after `num_tokens` more tokens and the last token's fixed point."""
+        merged = self._merge(new_states)
+        if self.states is not None and merged[0].shape[0] != self.states[0].shape[0]:
             raise ValueError(
                 f"Cache holds a batch of {self.states[0].shape[0]} but the new states have batch "
-                f"{new_states[0].shape[0]}; reset the cache or pass inputs of the cached batch size."
+                f"{merged[0].shape[0]}; reset the cache or pass inputs of the cached batch size."
             )
-        self.states = tuple(s.detach() for s in self._merge(new_states))
+        self.states = tuple(s.detach() for s in merged)
+        self.fixed_point = None if fixed_point is None else fixed_point.detach()
         self.seen_tokens += num_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -182,6 +187,8 @@ class ImplicitCache(Cache):
     def _apply_to_batch(self, fn: Any) -> None:
         if self.states is not None:
             self.states = tuple(fn(s) for s in self.states)
+        if self.fixed_point is not None:
+            self.fixed_point = fn(self.fixed_point)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_batch(lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -194,6 +201,7 @@ class ImplicitCache(Cache):
 
     def reset(self) -> None:
         self.states = None
+        self.fixed_point = None
         self.seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -289,12 +297,62 @@ class ImplicitBackboneMixin:
 
         return fn
 
-    def _solve(self, fn, embeddings: torch.Tensor) -> FixedPointResult:
+    def _solve(self, fn, embeddings: torch.Tensor, start: torch.Tensor | None = None) -> FixedPointResult:
+        """Solve from `start` (a warm start) or zeros; an explicit model evaluates the stack once on `embeddings`."""
         if not self.config.implicit:
             z, states = fn(embeddings)
             return FixedPointResult(z, states, None)
         settings = SolverSettings.from_config(self.config, training=self.training)
-        return solve_fixed_point(fn, torch.zeros_like(embeddings), settings)
+        return solve_fixed_point(fn, torch.zeros_like(embeddings) if start is None else start, settings)
+
+    def _use_decode_graphs(self, inputs_embeds: torch.Tensor) -> bool:
+        """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static)."""
+        config = self.config
+        return (
+            config.cuda_graph_decoding
+            and config.implicit
+            and config.solver == "picard"
+            and inputs_embeds.is_cuda
+            and not torch.is_grad_enabled()
+        )
+
+    def _solve_with_graph(
+        self,
+        injection: torch.Tensor | None,
+        stack_inputs: StackInputs,
+        cache: ImplicitCache,
+        start: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+    ) -> FixedPointResult | None:
+        """One decode token through `DecodeGraphs` (None: this shape runs eagerly)."""
+        if getattr(self, "_decode_graphs", None) is None:
+            self._decode_graphs = DecodeGraphs()
+
+        def make_fn(static_injection, static_inputs, static_states):
+            static_cache = self.make_cache()
+            static_cache.states = static_states
+            return self._fixed_point_function(static_injection, static_inputs, static_cache, return_states=True)
+
+        return self._decode_graphs.solve(
+            make_fn,
+            injection,
+            stack_inputs,
+            cache.states,
+            torch.zeros_like(inputs_embeds) if start is None else start,
+            SolverSettings.from_config(self.config, training=False),
+            capture=inputs_embeds.is_cuda,
+            weights=tuple(parameter.data_ptr() for parameter in self.parameters()),
+        )
+
+    def _warm_start(self, cache: ImplicitCache, stack_inputs: StackInputs) -> torch.Tensor | None:
+        """The previous token's fixed point when `config.warm_start` and the cache holds one; zero for padding (whose
+        fixed point is zero), so a padded token still converges at once."""
+        if not (self.config.warm_start and self.config.implicit) or cache.fixed_point is None:
+            return None
+        start = cache.fixed_point
+        if stack_inputs.padding_mask is not None:
+            start = start * stack_inputs.padding_mask[..., None].to(start.dtype)
+        return start
 
     def _validate_inputs(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
@@ -377,7 +435,7 @@ class ImplicitBackboneMixin:
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
             result = self._solve(fn, inputs_embeds)
             if cache is not None:
-                cache.commit(result.aux, seq_len)
+                cache.commit(result.aux, seq_len, fixed_point=result.z[:, -1:])
             hidden, stats = result.z, result.stats
         else:
             # Token by token; a cache is needed to carry the committed states even when none is returned.
@@ -386,9 +444,14 @@ class ImplicitBackboneMixin:
             for t in range(seq_len):
                 token_injection = None if injection is None else injection[:, t : t + 1]
                 token_inputs = stack_inputs.token(t, past_len)
-                fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
-                result = self._solve(fn, inputs_embeds[:, t : t + 1])
-                cache.commit(result.aux, 1)
+                start = self._warm_start(cache, token_inputs)
+                result = None
+                if seq_len == 1 and self._use_decode_graphs(inputs_embeds):
+                    result = self._solve_with_graph(token_injection, token_inputs, cache, start, inputs_embeds)
+                if result is None:
+                    fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
+                    result = self._solve(fn, inputs_embeds[:, t : t + 1], start)
+                cache.commit(result.aux, 1, fixed_point=result.z)
                 outputs.append(result.z)
                 token_stats.append(result.stats)
             hidden = torch.cat(outputs, dim=1)

@@ -9,17 +9,18 @@ never depends on its batch mates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from .kernels import fused_picard_update_available, picard_update
 from .numerics import at_least_float32
 
 FixedPointFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 # Added to ||z|| in the relative residual; keeps an all-zero sample (pure padding, f(0) = 0) at residual 0.
-_NORM_EPS = 1e-8
+NORM_EPS = 1e-8
 # Tikhonov regularisation of Anderson's least-squares system, relative to the mean squared residual.
 _ANDERSON_REG = 1e-4
 
@@ -42,6 +43,7 @@ class SolverSettings:
     phantom_steps: int
     phantom_damping: float
     backward: str
+    convergence_check_interval: int = 1
 
     @classmethod
     def from_config(cls, config: Any, training: bool) -> SolverSettings:
@@ -55,6 +57,7 @@ class SolverSettings:
             phantom_steps=config.phantom_steps,
             phantom_damping=float(config.phantom_damping),
             backward=config.backward,
+            convergence_check_interval=config.convergence_check_interval,
         )
 
 
@@ -106,12 +109,13 @@ def _batch_where(mask: torch.Tensor, new: Any, old: Any) -> Any:
     return type(new)(_batch_where(mask, n, o) for n, o in zip(new, old))
 
 
-def _residual(fz: torch.Tensor, z: torch.Tensor, stop_mode: str) -> torch.Tensor:
+def residual_norm(fz: torch.Tensor, z: torch.Tensor, stop_mode: str) -> torch.Tensor:
+    """Per-sample residual `||f(z) - z||` (`"abs"`) or `||f(z) - z|| / (||z|| + eps)` (`"rel"`), in float32."""
     fz, z = at_least_float32(fz), at_least_float32(z)
     diff = (fz - z).flatten(1).norm(dim=1)
     if stop_mode == "abs":
         return diff
-    return diff / (z.flatten(1).norm(dim=1) + _NORM_EPS)
+    return diff / (z.flatten(1).norm(dim=1) + NORM_EPS)
 
 
 class _Anderson:
@@ -156,43 +160,153 @@ class _Anderson:
         return mixed.reshape(z.shape).to(z.dtype)
 
 
+@dataclass
+class SolveState:
+    """Everything the iteration carries from one step to the next, on the device (batch in dimension 0).
+
+    `z` is the next iterate, `out`/`aux` the evaluation of `f` at each sample's last active iterate, `active` the
+    samples still iterating, `diverged_at` the first iteration whose residual was NaN/inf (0: none) and `step` the
+    number of iterations run (a 0-dim tensor, so that a captured CUDA graph can advance it).
+    """
+
+    z: torch.Tensor
+    out: torch.Tensor | None
+    aux: Any
+    active: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    diverged_at: torch.Tensor
+    step: torch.Tensor
+
+    @classmethod
+    def start(cls, z0: torch.Tensor) -> SolveState:
+        batch, device = z0.shape[0], z0.device
+        return cls(
+            z=z0,
+            out=None,
+            aux=None,
+            active=torch.ones(batch, dtype=torch.bool, device=device),
+            iterations=torch.zeros(batch, dtype=torch.long, device=device),
+            residual=torch.full((batch,), float("inf"), device=device),
+            converged=torch.zeros(batch, dtype=torch.bool, device=device),
+            diverged_at=torch.zeros(batch, dtype=torch.long, device=device),
+            step=torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    def stats(self) -> SolverStats:
+        return SolverStats(self.iterations, self.residual, self.converged)
+
+
+def picard_update_reference(
+    state: SolveState, fz: torch.Tensor, damping: float, tolerance: float, stop_mode: str
+) -> SolveState:
+    """One Picard bookkeeping step in plain PyTorch, functional (safe under autograd): residuals, `out`, statistics
+    and masks of the samples active before this step, and the damped update `z + damping (f(z) - z)` of those
+    samples. The fused kernel (`kernels.picard_update`) does the same in one pass and is tested against this."""
+    step = state.step + 1
+    res = residual_norm(fz, state.z, stop_mode)
+    active = state.active
+    mask = active.view(-1, *([1] * (fz.dim() - 1)))
+    compute = torch.promote_types(state.z.dtype, torch.float32)
+    damped = ((1 - damping) * state.z.to(compute) + damping * fz.to(compute)).to(state.z.dtype)
+    return _track(state, fz, res, step, tolerance, z_next=torch.where(mask, damped, state.z))
+
+
+def _track(
+    state: SolveState, fz: torch.Tensor, res: torch.Tensor, step: torch.Tensor, tolerance: float, z_next: torch.Tensor
+) -> SolveState:
+    active = state.active
+    bad = active & ~torch.isfinite(res)
+    newly_converged = active & (res < tolerance)
+    return replace(
+        state,
+        z=z_next,
+        out=fz if state.out is None else _batch_where(active, fz, state.out),
+        iterations=torch.where(active, step, state.iterations),
+        residual=torch.where(active, res, state.residual),
+        converged=state.converged | newly_converged,
+        active=active & ~newly_converged,
+        diverged_at=torch.where(bad & (state.diverged_at == 0), step, state.diverged_at),
+        step=step,
+    )
+
+
+def solver_iteration(
+    fn: FixedPointFunction,
+    state: SolveState,
+    settings: SolverSettings,
+    anderson: _Anderson | None = None,
+    all_active: bool = False,
+) -> SolveState:
+    """Evaluate `f` once and advance `state`, without synchronising with the host.
+
+    `all_active` (known from the last synchronisation) lets the caller skip the per-sample selection of `out` and
+    `aux` when no sample has stopped yet. Samples that stopped keep their `out`, `aux` and statistics.
+    """
+    fz, step_aux = fn(state.z)
+    aux = step_aux if all_active or state.aux is None else _batch_where(state.active, step_aux, state.aux)
+    if anderson is not None:
+        step = state.step + 1
+        res = residual_norm(fz, state.z, settings.stop_mode)
+        mask = state.active.view(-1, *([1] * (fz.dim() - 1)))
+        z_next = torch.where(mask, anderson.step(state.z, fz), state.z)
+        new = _track(state, fz, res, step, settings.tolerance, z_next)
+    elif _fused_update_applies(state.z):
+        new = _picard_update_fused(state, fz, settings)
+    else:
+        new = picard_update_reference(state, fz, settings.damping, settings.tolerance, settings.stop_mode)
+    return replace(new, aux=aux)
+
+
+def _picard_update_fused(state: SolveState, fz: torch.Tensor, settings: SolverSettings) -> SolveState:
+    if state.out is None:  # the kernel writes z and out in place; z0 is the caller's (a warm start: the cache's)
+        state = replace(state, z=state.z.clone(), out=fz.clone())
+    step = state.step + 1
+    picard_update(
+        state.z, fz, state.out, state.active, state.iterations, state.residual, state.converged, state.diverged_at,
+        step, settings.damping, settings.tolerance, settings.stop_mode == "rel", NORM_EPS,
+    )
+    return replace(state, step=step)
+
+
+def _fused_update_applies(z: torch.Tensor) -> bool:
+    # The fused kernel writes in place, so only tape-free solves use it.
+    return not torch.is_grad_enabled() and fused_picard_update_available(z)
+
+
+def check_divergence(state: SolveState, diverged: bool) -> None:
+    """Raise `SolverDivergenceError` naming the samples whose residual became NaN/inf (`diverged` is the host copy
+    of `state.diverged_at.any()`)."""
+    if not diverged:
+        return
+    samples = state.diverged_at.nonzero().flatten().tolist()
+    first = int(state.diverged_at[state.diverged_at > 0].min())
+    raise SolverDivergenceError(
+        f"Fixed-point solver diverged: the residual of batch sample(s) {samples} is NaN or infinite from iteration "
+        f"{first} on. Try a smaller `damping`, `solver='anderson'`, or check the inputs and weights."
+    )
+
+
 def _iterate(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
-    batch = z0.shape[0]
-    device = z0.device
-    z = z0
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    iterations = torch.zeros(batch, dtype=torch.long, device=device)
-    residual = torch.full((batch,), float("inf"), device=device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=device)
-    out: torch.Tensor | None = None
-    aux: Any = None
+    state = SolveState.start(z0)
     anderson = _Anderson(settings.anderson_memory, settings.damping) if settings.solver == "anderson" else None
-
-    for step in range(1, settings.max_iterations + 1):
-        fz, step_aux = fn(z)
-        res = _residual(fz, z, settings.stop_mode)
-        bad = active & ~torch.isfinite(res)
-        iterations = torch.where(active, step, iterations)
-        residual = torch.where(active, res, residual)
-        out = _batch_where(active, fz, out)
-        aux = _batch_where(active, step_aux, aux)
-        newly_converged = active & (res < settings.tolerance)
-        converged = converged | newly_converged
-        active = active & ~newly_converged
-        # One host synchronisation per iteration: the divergence check and the early exit share it.
-        any_bad, any_active = torch.stack([bad.any(), active.any()]).tolist()
-        if any_bad:
-            samples = bad.nonzero().flatten().tolist()
-            raise SolverDivergenceError(
-                f"Fixed-point solver diverged: the residual of batch sample(s) {samples} is NaN or infinite at "
-                f"iteration {step}. Try a smaller `damping`, `solver='anderson'`, or check the inputs and weights."
-            )
-        if not any_active or step == settings.max_iterations:
+    all_active = True
+    done = 0
+    while done < settings.max_iterations:
+        # Convergence is tested on the host every `convergence_check_interval` iterations only: each test is a
+        # synchronisation, and a sample that stopped in between is frozen on the device all the same.
+        chunk = min(settings.convergence_check_interval, settings.max_iterations - done)
+        for index in range(chunk):
+            state = solver_iteration(fn, state, settings, anderson, all_active=all_active and index == 0)
+        done += chunk
+        diverged, any_active, all_active = torch.stack(
+            [(state.diverged_at > 0).any(), state.active.any(), state.active.all()]
+        ).tolist()
+        check_divergence(state, diverged)
+        if not any_active:
             break
-        z_next = anderson.step(z, fz) if anderson is not None else (1 - settings.damping) * z + settings.damping * fz
-        z = _batch_where(active, z_next, z)
-
-    return FixedPointResult(out, aux, SolverStats(iterations, residual, converged))
+    return FixedPointResult(state.out, state.aux, state.stats())
 
 
 def solve_fixed_point(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:

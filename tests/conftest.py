@@ -12,6 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run in its interpreter on the CPU (read when the kernels are defined, so before any import of them).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import modeling_implicit as mi  # noqa: E402  (after the path and offline setup)
 

@@ -21,7 +21,7 @@ STATE_TRACKING = ("implicit-mamba2-a5", "mamba2-4layer-a5")
 STORIES = "implicit-mamba2-stories"
 FRESH_SEED = 424242  # not a seed the recorded figures or the demo use
 REMOTE_CODE = ("configuration_implicit_mamba2.py", "modeling_implicit_mamba2.py", "modeling_implicit_utils.py",
-               "solver.py")
+               "solver.py", "kernels.py", "triton_kernels.py", "decode_graphs.py")
 
 
 def recorded_accuracy(rows: list[dict], length: int, mode: str = "sequential") -> float:

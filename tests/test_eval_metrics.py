@@ -85,6 +85,18 @@ def test_sequential_streaming_matches_simultaneous(tmp_path, saved_model, text_f
     assert sequential["metadata"]["model"]["solver"]["tolerance"] == 1e-7
 
 
+def test_fast_inference_flags_keep_the_perplexity(tmp_path, saved_model, text_file, capsys):
+    common = ["--model", saved_model, "--data", text_file, "--seq-len", 12, "--max-sequences", 2, "--batch-size", 2,
+              "--tolerance", 1e-7, "--eval-max-iterations", 400, "--inference-mode", "sequential"]
+    plain = run(perplexity, [*common, "--output-dir", tmp_path / "a"])
+    fast = run(perplexity, [*common, "--warm-start", "true", "--convergence-check-interval", 4, "--solver", "anderson",
+                            "--output-dir", tmp_path / "b"])
+    assert fast["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-4)
+    with pytest.raises(SystemExit):
+        run(perplexity, [*common, "--warm-start", "maybe"])
+    assert "expected true or false" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".npy", ".pt"])
 def test_perplexity_reads_every_data_format(tmp_path, saved_model, suffix):
     tokenizer = build_tokenizer()

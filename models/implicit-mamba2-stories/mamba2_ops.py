@@ -76,6 +76,8 @@ def ssd_chunk_scan(
     """
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
+    # A sequence shorter than a chunk is one chunk of its own length: padding it would cost O(chunk_size^2).
+    chunk_size = min(chunk_size, length)
     x, dt = at_least_float32(x), at_least_float32(dt)
     B = at_least_float32(B).repeat_interleave(heads // groups, dim=2)
     C = at_least_float32(C).repeat_interleave(heads // groups, dim=2)
@@ -147,3 +149,65 @@ def gated_rms_norm(
     grouped = hidden.unflatten(-1, (-1, group_size))
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
     return weight * grouped.flatten(-2).to(dtype)
+
+
+def time_step(
+    dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, float], keep: torch.Tensor | None
+) -> torch.Tensor:
+    """Mamba2's time step `clamp(softplus(dt + dt_bias), *limit)` in float32, zero where `keep` (same shape as `dt`
+    without the heads) is 0, so that padding neither feeds nor decays the state."""
+    dt = F.softplus(at_least_float32(dt) + at_least_float32(dt_bias)).clamp(*limit)
+    return dt if keep is None else dt * keep[..., None].to(dt.dtype)
+
+
+def mamba2_decode_step_reference(
+    xbc: torch.Tensor,
+    dt: torch.Tensor,
+    keep: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    ssm_state: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    state_size: int,
+    n_groups: int,
+    time_step_limit: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token of a Mamba2 mixer between its in-projection and its gated norm, in sequential mode.
+
+    Args:
+        xbc: `(b, c)` this token's convolution input (x, B and C channels; already zero for padding).
+        dt: `(b, h)` this token's raw time step (before `dt_bias` and softplus).
+        keep: `(b,)` 1 for a real token and 0 for padding, or `None` (no padding).
+        conv_state: `(b, c, k - 1)` the committed last inputs of the convolution; read, never written.
+        conv_weight: `(c, k)`, conv_bias: `(c,)` or `None`; dt_bias, A_log, D: `(h,)`.
+        ssm_state: `(b, h, p, n)` the committed SSM state; read, never written.
+
+    Returns:
+        `y (b, h, p)` (float32, before the gated norm), the candidate conv state `(b, c, k - 1)` in the dtype of
+        `xbc`, and the candidate SSM state `(b, h, p, n)` in float32.
+    """
+    batch = xbc.shape[0]
+    window = torch.cat([conv_state.to(xbc.dtype), xbc[..., None]], dim=-1)
+    conv = (at_least_float32(window) * at_least_float32(conv_weight)).sum(-1)
+    if conv_bias is not None:
+        conv = conv + at_least_float32(conv_bias)
+    xbc_out = F.silu(conv)
+    if keep is not None:
+        xbc_out = xbc_out * keep[:, None].to(xbc_out.dtype)
+    group_width = n_groups * state_size
+    x, B, C = xbc_out.split([num_heads * head_dim, group_width, group_width], dim=-1)
+    y, new_ssm_state = ssd_step(
+        x.view(batch, num_heads, head_dim),
+        time_step(dt, dt_bias, time_step_limit, keep),
+        -torch.exp(at_least_float32(A_log)),
+        B.view(batch, n_groups, state_size),
+        C.view(batch, n_groups, state_size),
+        D,
+        ssm_state,
+    )
+    return y, window[..., 1:], new_ssm_state

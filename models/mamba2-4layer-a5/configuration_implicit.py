@@ -68,6 +68,17 @@ class ImplicitPretrainedConfig(PretrainedConfig):
             Training always uses the simultaneous mode.
         prefill_mode (`str`, defaults to `"simultaneous"`): how a multi-token forward that fills a cache (the prompt
             of `generate`) is solved. Single-token steps with a cache are always sequential.
+        warm_start (`bool`, defaults to `False`): in sequential mode, start each token's solve from the previous
+            token's fixed point (kept in the cache) instead of zeros. Same fixed point within `tolerance`, usually in
+            fewer iterations.
+        convergence_check_interval (`int`, defaults to 1): test convergence on the host every this many iterations.
+            Each test synchronises the host with the device; samples that converge in between are frozen on the
+            device all the same, so outputs and statistics do not depend on it (at most `interval - 1` evaluations
+            of `f` are wasted after the last sample converges). Also the number of iterations one CUDA graph holds.
+        cuda_graph_decoding (`bool`, defaults to `False`): on CUDA, capture `convergence_check_interval` solver
+            iterations of a single-token sequential step (Mamba2: a shape that repeats every token) in a CUDA graph
+            and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
+            when training, or with `solver="anderson"`. Outputs are those of the eager path.
 
     Convergence is judged per sample: a sample whose residual is below `tolerance` is frozen while the others go
     on, so its result never depends on its batch mates or on padding.
@@ -98,6 +109,9 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     backward: str = "phantom"
     inference_mode: str = "simultaneous"
     prefill_mode: str = "simultaneous"
+    warm_start: bool = False
+    convergence_check_interval: int = 1
+    cuda_graph_decoding: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -111,7 +125,9 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "> 0")
         _require(self.initializer_range > 0, "initializer_range", self.initializer_range, "> 0")
         _require(isinstance(self.implicit, bool), "implicit", self.implicit, "True or False")
-        for name in ("max_iterations", "eval_max_iterations", "anderson_memory"):
+        for name in ("warm_start", "cuda_graph_decoding"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        for name in ("max_iterations", "eval_max_iterations", "anderson_memory", "convergence_check_interval"):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
         _require(
             isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0,

@@ -1,0 +1,310 @@
+"""How close implicit inference comes to its floor, measured side by side in one run (CPU or GPU).
+
+    python -m benchmarks.inference [--family mamba2] [--size 130m] [--device cpu] [--tolerance 1e-3]
+
+An implicit token costs `iterations` evaluations of the layer stack; the floor is what the explicit model with the
+same weights pays for that many evaluations. Reported (medians of `--repeats` timed runs after a warm-up):
+
+- decode overhead = time per generated token / ((mean iterations + 1) x explicit single-token step), the explicit
+  step being one cached forward of the explicit LM (`implicit=False`, same weights: embedding, stack, norm, head);
+  strict decode overhead = time per generated token / (explicit step + (iterations - 1) x explicit stack-only step),
+  where the stack-only step is the explicit backbone's cached forward (no head): every cost but the stack counted once.
+  On CUDA, decoding is timed eager and with CUDA graphs (`cuda_graph_decoding`).
+- simultaneous overhead = implicit no-grad forward with exactly S iterations / (S x explicit forward), and strict:
+  / (explicit forward + (S - 1) x explicit backbone forward).
+- iterations per token at equal tolerance (sequential mode over a prompt): Picard, Anderson, warm start and both,
+  with the share saved and the largest logit change against Picard; on the random model built here and, with
+  `--model`, on trained ones (the bundled story model, say). A trained model need not be a contraction: two solvers
+  can land on different fixed points, which the logit change shows.
+
+Targets (issue 8): decode overhead <= 1.10 on CPU and <= 1.25 on GPU, simultaneous overhead <= 1.10, Anderson or
+warm start >= 30% fewer iterations. `--json PATH` writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modeling_implicit import (
+    ConvergenceWarning,
+    ImplicitLlamaConfig,
+    ImplicitLlamaForCausalLM,
+    ImplicitMamba2Config,
+    ImplicitMamba2ForCausalLM,
+)
+from modeling_implicit.kernels import backends
+
+# Model shapes: the reference's smallest (130M), a small one for quick runs, a tiny one for the tests.
+SIZES = {
+    "130m": dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288),
+    "small": dict(hidden_size=256, num_hidden_layers=4, vocab_size=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=256),
+}
+SOLVER_VARIANTS = (("picard", False), ("anderson", False), ("picard", True), ("anderson", True))
+
+
+def build_models(family: str, size: str, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, Any]:
+    """A random implicit model and the explicit model with the same weights (`implicit=False`: no injection)."""
+    shape = SIZES[size]
+    torch.manual_seed(seed)
+    if family == "mamba2":
+        config = ImplicitMamba2Config(**shape, prefill_mode="sequential")
+        model_class = ImplicitMamba2ForCausalLM
+    else:
+        config = ImplicitLlamaConfig(
+            **shape, intermediate_size=4 * shape["hidden_size"], num_attention_heads=shape["hidden_size"] // 64,
+            num_key_value_heads=shape["hidden_size"] // 64, max_position_embeddings=4096, prefill_mode="sequential",
+        )
+        model_class = ImplicitLlamaForCausalLM
+    implicit = model_class(config).to(device=device, dtype=dtype).eval()
+    explicit_config = type(config)(**{**config.to_dict(), "implicit": False})
+    explicit = model_class(explicit_config).to(device=device, dtype=dtype).eval()
+    missing, unexpected = explicit.load_state_dict(implicit.state_dict(), strict=False)
+    if missing or any(not key.startswith("backbone.injection") and ".injection" not in key for key in unexpected):
+        raise RuntimeError(f"explicit model does not share the weights: missing {missing}, unexpected {unexpected}")
+    return implicit, explicit
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(run: Callable[[], Any], device: str, repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def decode(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Greedy decoding of `new_tokens` after a prefill; returns (seconds per generated token, mean iterations)."""
+    device = str(prompt.device)
+    output = model(prompt, use_cache=True)
+    cache = output.past_key_values
+    token = output.logits[:, -1:].argmax(-1)
+    iterations = []
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        output = model(token, past_key_values=cache, use_cache=True)
+        token = output.logits[:, -1:].argmax(-1)
+        if output.solver_stats is not None:
+            iterations.append(output.solver_stats.iterations.float().mean())
+    _sync(device)
+    seconds = (time.perf_counter() - start) / new_tokens
+    return seconds, float(torch.stack(iterations).mean()) if iterations else 1.0
+
+
+@torch.no_grad()
+def step_seconds(module: Any, prompt: torch.Tensor, repeats: int) -> float:
+    """Median time of one cached single-token forward of `module` (an explicit LM or backbone) after `prompt`."""
+    device = str(prompt.device)
+    cache = module(prompt, use_cache=True).past_key_values
+    token = prompt[:, -1:]
+    seen = cache.get_seq_length()
+
+    def run() -> None:
+        module(token, past_key_values=cache, use_cache=True)
+        # Keep the cache at the prompt's length: a growing key/value cache would make later steps dearer.
+        if cache.get_seq_length() > seen and hasattr(cache, "crop") and cache.is_croppable:
+            cache.crop(seen - cache.get_seq_length())
+
+    return median_seconds(run, device, repeats)
+
+
+def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    explicit_step = step_seconds(explicit, prompt, args.repeats * 4)
+    explicit_stack_step = step_seconds(explicit.base_model, prompt, args.repeats * 4)
+    rows = {}
+    variants = [("eager", False)] + ([("cuda_graphs", True)] if prompt.is_cuda else [])
+    for name, graphs in variants:
+        implicit.config.cuda_graph_decoding = graphs
+        runs = [decode(implicit, prompt, args.new_tokens) for _ in range(args.repeats + 1)][1:]
+        seconds = statistics.median(r[0] for r in runs)
+        iterations = statistics.mean(r[1] for r in runs)
+        rows[name] = {
+            "seconds_per_token": seconds,
+            "tokens_per_second": prompt.shape[0] / seconds,
+            "mean_iterations": iterations,
+            "decode_overhead": seconds / ((iterations + 1) * explicit_step),
+            "strict_decode_overhead": seconds / (explicit_step + (iterations - 1) * explicit_stack_step),
+        }
+    implicit.config.cuda_graph_decoding = False
+    return {"explicit_step_seconds": explicit_step, "explicit_stack_step_seconds": explicit_stack_step, **rows}
+
+
+@torch.no_grad()
+def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
+    device = str(tokens.device)
+    config = implicit.config
+    saved = config.eval_max_iterations, config.tolerance, config.inference_mode
+    rows = {}
+    explicit_forward = median_seconds(lambda: explicit(tokens, use_cache=False), device, args.repeats)
+    explicit_stack = median_seconds(lambda: explicit.base_model(tokens, use_cache=False), device, args.repeats)
+    for iterations in args.simultaneous_iterations:
+        # Exactly S iterations: no residual falls below a zero-ish tolerance.
+        config.update(dict(eval_max_iterations=iterations, tolerance=1e-30, inference_mode="simultaneous"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            seconds = median_seconds(lambda: implicit(tokens, use_cache=False), device, args.repeats)
+        rows[iterations] = {
+            "seconds": seconds,
+            "simultaneous_overhead": seconds / (iterations * explicit_forward),
+            "strict_simultaneous_overhead": seconds / (explicit_forward + (iterations - 1) * explicit_stack),
+        }
+    config.update(dict(zip(("eval_max_iterations", "tolerance", "inference_mode"), saved)))
+    return {"explicit_forward_seconds": explicit_forward, "explicit_stack_seconds": explicit_stack,
+            "by_iterations": rows}
+
+
+@torch.no_grad()
+def iteration_savings(model: Any, tokens: torch.Tensor, tolerance: float, max_iterations: int) -> dict[str, Any]:
+    """Mean iterations per token in sequential mode for each solver variant, at one tolerance."""
+    config = model.config
+    saved = {name: getattr(config, name) for name in ("solver", "warm_start", "tolerance", "eval_max_iterations",
+                                                      "inference_mode")}
+    rows, reference = {}, None
+    for solver, warm_start in SOLVER_VARIANTS:
+        config.update(dict(solver=solver, warm_start=warm_start, tolerance=tolerance,
+                           eval_max_iterations=max_iterations, inference_mode="sequential"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            output = model(tokens, use_cache=False)
+        stats = output.solver_stats
+        if reference is None:
+            reference = output
+        name = solver + (" + warm start" if warm_start else "")
+        rows[name] = {
+            "mean_iterations": float(stats.iterations.float().mean()),
+            "converged": float(stats.converged.float().mean()),
+            "max_logit_change": float((output.logits - reference.logits).abs().max()),
+        }
+    base = rows["picard"]["mean_iterations"]
+    for row in rows.values():
+        row["saved"] = 1 - row["mean_iterations"] / base
+    config.update(saved)
+    return rows
+
+
+def load_trained(path: str, device: str) -> tuple[Any, torch.Tensor]:
+    """A trained model folder and a sample of its own training distribution (story text for the story model, random
+    ids otherwise)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).to(device).eval()
+    tokens = None
+    if (Path(path) / "stories.json").is_file():
+        from eval.stories import generate_stories
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        texts = [story.text() for story in generate_stories(4, 8, 8, seed=7)]
+        tokens = tokenizer(texts, return_tensors="pt", padding=True).input_ids[:, :48].to(device)
+    if tokens is None:
+        tokens = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
+        tokens = tokens.to(device)
+    return model, tokens
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['family']} {report['size']} on {report['device_name']} ({report['dtype']}, batch "
+             f"{report['batch']}, tolerance {report['tolerance']}); kernels: {report['kernels']}"]
+    decode = report["decode"]
+    lines.append(f"explicit single-token step {decode['explicit_step_seconds'] * 1e3:.2f} ms, stack only "
+                 f"{decode['explicit_stack_step_seconds'] * 1e3:.2f} ms")
+    for name in ("eager", "cuda_graphs"):
+        if name in decode:
+            row = decode[name]
+            lines.append(f"decode ({name}): {row['seconds_per_token'] * 1e3:.1f} ms/token, "
+                         f"{row['tokens_per_second']:.2f} tokens/s, {row['mean_iterations']:.2f} iterations/token; "
+                         f"decode overhead {row['decode_overhead']:.3f} (target <= 1.10 CPU, 1.25 GPU), strict "
+                         f"{row['strict_decode_overhead']:.3f}")
+    simultaneous = report["simultaneous"]
+    for iterations, row in simultaneous["by_iterations"].items():
+        lines.append(f"simultaneous, S={iterations}: {row['seconds'] * 1e3:.1f} ms; overhead "
+                     f"{row['simultaneous_overhead']:.3f} (target <= 1.10), strict "
+                     f"{row['strict_simultaneous_overhead']:.3f}")
+    for label, rows in report["iterations"].items():
+        lines.append(f"iterations per token at tolerance {report['tolerance']} ({label}):")
+        for name, row in rows.items():
+            lines.append(f"  {name:<22} {row['mean_iterations']:6.2f}  saved {row['saved']:+.0%}  converged "
+                         f"{row['converged']:.1%}  max logit change {row['max_logit_change']:.2e}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("mamba2", "llama"), default="mamba2")
+    parser.add_argument("--size", choices=tuple(SIZES), default="130m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="solver tolerance of every implicit run")
+    parser.add_argument("--simultaneous-iterations", type=int, nargs="+", default=[8])
+    parser.add_argument("--convergence-check-interval", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", action="append", default=[], help="trained model folder for the iteration table")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+    for name in ("batch", "prompt_length", "new_tokens", "repeats", "convergence_check_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.tolerance <= 0:
+        parser.error("--tolerance must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    implicit, explicit = build_models(args.family, args.size, args.device, dtype)
+    implicit.config.update(dict(tolerance=args.tolerance, eval_max_iterations=200,
+                                convergence_check_interval=args.convergence_check_interval))
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, implicit.config.vocab_size, (args.batch, args.prompt_length), generator=generator)
+    prompt = prompt.to(args.device)
+    report: dict[str, Any] = {
+        "family": args.family,
+        "size": args.size,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "tolerance": args.tolerance,
+        "kernels": backends(args.device),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report["decode"] = decode_overhead(implicit, explicit, prompt, args)
+    report["simultaneous"] = simultaneous_overhead(implicit, explicit, prompt, args)
+    report["iterations"] = {f"random {args.size}": iteration_savings(implicit, prompt, args.tolerance, 200)}
+    for path in args.model:
+        model, tokens = load_trained(path, args.device)
+        report["iterations"][Path(path).name] = iteration_savings(model, tokens, args.tolerance, 200)
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
