@@ -49,6 +49,7 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, vocab_size=4096),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=256),
 }
+SECTIONS = ("decode", "simultaneous", "iterations")
 SOLVER_VARIANTS = (("picard", False), ("anderson", False), ("picard", True), ("anderson", True))
 
 
@@ -225,9 +226,10 @@ def load_trained(path: str, device: str) -> tuple[Any, torch.Tensor]:
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['family']} {report['size']} on {report['device_name']} ({report['dtype']}, batch "
              f"{report['batch']}, tolerance {report['tolerance']}); kernels: {report['kernels']}"]
-    decode = report["decode"]
-    lines.append(f"explicit single-token step {decode['explicit_step_seconds'] * 1e3:.2f} ms, stack only "
-                 f"{decode['explicit_stack_step_seconds'] * 1e3:.2f} ms")
+    decode = report.get("decode", {})
+    if decode:
+        lines.append(f"explicit single-token step {decode['explicit_step_seconds'] * 1e3:.2f} ms, stack only "
+                     f"{decode['explicit_stack_step_seconds'] * 1e3:.2f} ms")
     for name in ("eager", "cuda_graphs"):
         if name in decode:
             row = decode[name]
@@ -235,12 +237,12 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{row['tokens_per_second']:.2f} tokens/s, {row['mean_iterations']:.2f} iterations/token; "
                          f"decode overhead {row['decode_overhead']:.3f} (target <= 1.10 CPU, 1.25 GPU), strict "
                          f"{row['strict_decode_overhead']:.3f}")
-    simultaneous = report["simultaneous"]
+    simultaneous = report.get("simultaneous", {"by_iterations": {}})
     for iterations, row in simultaneous["by_iterations"].items():
         lines.append(f"simultaneous, S={iterations}: {row['seconds'] * 1e3:.1f} ms; overhead "
                      f"{row['simultaneous_overhead']:.3f} (target <= 1.10), strict "
                      f"{row['strict_simultaneous_overhead']:.3f}")
-    for label, rows in report["iterations"].items():
+    for label, rows in report.get("iterations", {}).items():
         lines.append(f"iterations per token at tolerance {report['tolerance']} ({label}):")
         for name, row in rows.items():
             lines.append(f"  {name:<22} {row['mean_iterations']:6.2f}  saved {row['saved']:+.0%}  converged "
@@ -263,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--convergence-check-interval", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", action="append", default=[], help="trained model folder for the iteration table")
+    parser.add_argument("--sections", default="decode,simultaneous,iterations",
+                        help="comma-separated subset of decode, simultaneous, iterations")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
     for name in ("batch", "prompt_length", "new_tokens", "repeats", "convergence_check_interval"):
@@ -270,6 +274,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tolerance <= 0:
         parser.error("--tolerance must be > 0")
+    args.sections = args.sections.split(",")
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
     return args
 
 
@@ -293,12 +301,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kernels": backends(args.device),
         "date": time.strftime("%Y-%m-%d"),
     }
-    report["decode"] = decode_overhead(implicit, explicit, prompt, args)
-    report["simultaneous"] = simultaneous_overhead(implicit, explicit, prompt, args)
-    report["iterations"] = {f"random {args.size}": iteration_savings(implicit, prompt, args.tolerance, 200)}
-    for path in args.model:
-        model, tokens = load_trained(path, args.device)
-        report["iterations"][Path(path).name] = iteration_savings(model, tokens, args.tolerance, 200)
+    if "decode" in args.sections:
+        report["decode"] = decode_overhead(implicit, explicit, prompt, args)
+    if "simultaneous" in args.sections:
+        report["simultaneous"] = simultaneous_overhead(implicit, explicit, prompt, args)
+    if "iterations" in args.sections:
+        report["iterations"] = {f"random {args.size}": iteration_savings(implicit, prompt, args.tolerance, 200)}
+        for path in args.model:
+            model, tokens = load_trained(path, args.device)
+            report["iterations"][Path(path).name] = iteration_savings(model, tokens, args.tolerance, 200)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

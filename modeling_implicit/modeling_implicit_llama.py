@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,25 +46,74 @@ class LengthExtrapolationWarning(UserWarning):
     """Positions beyond `max_position_embeddings`: the rotary embedding extrapolates past the trained context."""
 
 
+class KeyValueBuffer(NamedTuple):
+    """One layer of an `ImplicitLlamaCache`: `(batch, num_key_value_heads, capacity, head_dim)` key and value storage
+    whose first `length` positions are committed; the positions after them are scratch for the tokens being solved."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+
+
 class ImplicitLlamaCache(ImplicitCache):
     """Fixed-point key/value cache for sequential generation.
 
     `states = (keys_0, values_0, keys_1, values_1, ...)`, one pair per layer, each `(batch, num_key_value_heads,
-    seq_len, head_dim)` in the model dtype, keys already rotated. While the solver iterates on new tokens their
-    keys/values are recomputed from each iterate and attended together with these; `commit` appends the converged
-    ones once. A token's entries depend only on itself and earlier tokens, so the cache can be cropped.
+    seq_len, head_dim)` in the model dtype, keys already rotated: views of the committed part of per-layer buffers
+    that keep room after it. While the solver iterates on new tokens, each evaluation writes their keys/values (from
+    the current iterate) into that room and attends to the buffer up to them, so the committed past is neither copied
+    nor written; `commit` writes the converged keys/values once. Room grows geometrically (`reserve`). A token's
+    entries depend only on itself and earlier tokens, so the cache can be cropped.
     """
 
-    def _merge(self, new_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        if self.states is None:
-            return new_states
-        return tuple(torch.cat([old, new], dim=2) for old, new in zip(self.states, new_states))
+    def __init__(self) -> None:
+        self._buffers: tuple[torch.Tensor, ...] | None = None
+        super().__init__()
 
-    def layer(self, index: int) -> KeyValue | None:
-        """The committed `(keys, values)` of layer `index`, or None while the cache is empty."""
-        if self.states is None:
+    @property
+    def states(self) -> tuple[torch.Tensor, ...] | None:
+        if self._buffers is None:
             return None
-        return self.states[2 * index], self.states[2 * index + 1]
+        return tuple(buffer[:, :, : self.seen_tokens] for buffer in self._buffers)
+
+    @states.setter
+    def states(self, value: tuple[torch.Tensor, ...] | None) -> None:
+        self._buffers = None if value is None else tuple(value)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold, committed and scratch."""
+        return 0 if self._buffers is None else self._buffers[0].shape[2]
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for `num_tokens` tokens after the committed ones (at least doubling, so that generation
+        reallocates O(log length) times)."""
+        needed = self.seen_tokens + num_tokens
+        if self._buffers is None or needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        grown = []
+        for buffer in self._buffers:
+            new = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+            new[:, :, : self.seen_tokens] = buffer[:, :, : self.seen_tokens]
+            grown.append(new)
+        self._buffers = tuple(grown)
+
+    def _store(self, new_states: tuple[torch.Tensor, ...], num_tokens: int) -> None:
+        if self._buffers is None:
+            batch, heads, _, head_dim = new_states[0].shape
+            self._buffers = tuple(s.new_empty(batch, heads, 2 * num_tokens, head_dim) for s in new_states)
+        else:
+            self.reserve(num_tokens + 1)  # and one more: the next token's iterations write without a copy
+        start = self.seen_tokens
+        for buffer, new in zip(self._buffers, new_states):
+            buffer[:, :, start : start + num_tokens] = new
+
+    def layer(self, index: int) -> KeyValueBuffer | None:
+        """The key/value buffers of layer `index` and their committed length, or None while the cache is empty."""
+        if self._buffers is None:
+            return None
+        return KeyValueBuffer(self._buffers[2 * index], self._buffers[2 * index + 1], self.seen_tokens)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
@@ -71,12 +121,10 @@ class ImplicitLlamaCache(ImplicitCache):
             raise ValueError(
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as for transformers' caches."
             )
-        if tokens_to_remove == 0 or self.states is None:
+        if tokens_to_remove == 0 or self._buffers is None:
             return
-        keep = max(self.seen_tokens + tokens_to_remove, 0)
-        self.states = tuple(s[:, :, :keep] for s in self.states)
+        self.seen_tokens = max(self.seen_tokens + tokens_to_remove, 0)  # the dropped positions become scratch
         self.fixed_point = None  # the fixed point of the new last token is not kept: the next solve starts cold
-        self.seen_tokens = keep
 
     @property
     def is_croppable(self) -> bool:
@@ -102,6 +150,21 @@ class LlamaStackInputs(StackInputs):
             attention_mask=mask,
             position_embeddings=(cos[:, index : index + 1], sin[:, index : index + 1]),
         )
+
+
+def _with_past(past: KeyValueBuffer, key: torch.Tensor, value: torch.Tensor) -> KeyValue:
+    """The committed keys/values followed by the new ones. Without a tape, the new ones go into the buffers' scratch
+    room and the result is a view: no copy of the past per evaluation. With a tape (gradients through a sequential
+    solve), a concatenation: an in-place write would clobber what autograd saved from the previous evaluation."""
+    end = past.length + key.shape[2]
+    recording = torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)
+    if end <= past.keys.shape[2] and not recording:
+        past.keys[:, :, past.length : end] = key
+        past.values[:, :, past.length : end] = value
+        return past.keys[:, :, :end], past.values[:, :, :end]
+    committed = slice(0, past.length)
+    return (torch.cat([past.keys[:, :, committed], key], dim=2),
+            torch.cat([past.values[:, :, committed], value], dim=2))
 
 
 class ImplicitLlamaAttention(nn.Module):
@@ -131,7 +194,7 @@ class ImplicitLlamaAttention(nn.Module):
         injection: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_value: KeyValue | None,
+        past_key_value: KeyValueBuffer | None,
     ) -> tuple[torch.Tensor, KeyValue]:
         batch, seq_len, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
@@ -143,8 +206,7 @@ class ImplicitLlamaAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         new_key_value = (key, value)
         if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
+            key, value = _with_past(past_key_value, key, value)
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -178,7 +240,7 @@ class ImplicitLlamaDecoderLayer(GradientCheckpointingLayer):
         injection: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_value: KeyValue | None,
+        past_key_value: KeyValueBuffer | None,
     ) -> tuple[torch.Tensor, KeyValue]:
         dtype = self.input_layernorm.weight.dtype
         residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
@@ -313,8 +375,9 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         cache: ImplicitLlamaCache | None,
         return_states: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """One pass of the stack and the final norm; attends to the committed keys/values in `cache`, never writes
-        them, and returns the new tokens' keys/values when `return_states`."""
+        """One pass of the stack and the final norm; attends to the committed keys/values in `cache` (the new tokens'
+        go into its scratch room, the committed ones are never written) and returns the new tokens' keys/values when
+        `return_states`."""
         new_states: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             hidden_states, key_value = layer(

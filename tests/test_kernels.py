@@ -18,7 +18,9 @@ from modeling_implicit.modeling_implicit_utils import ImplicitBackboneMixin
 from modeling_implicit.solver import NORM_EPS, SolveState, picard_update_reference, solve_fixed_point
 
 triton_kernels = pytest.importorskip("modeling_implicit.triton_kernels", reason="triton is not installed")
-assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET before the kernels are defined"
+# Compiled on a GPU when run there with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh), else in the interpreter (CI).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET on the CPU"
 
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 
@@ -35,12 +37,14 @@ def picard_case(shape, dtype, seed=0):
     z = torch.randn(shape, generator=generator).to(dtype)
     fz = (0.9 * z.float() + 0.05 * torch.randn(shape, generator=generator)).to(dtype)
     fz[1] = z[1]  # residual 0: converges now
-    state = SolveState.start(z)
-    state = replace(state, out=torch.zeros_like(z), step=torch.tensor(4), iterations=torch.full((shape[0],), 4))
-    state.active[0] = False  # stopped earlier: untouched
-    state.residual[0] = 0.01
     if shape[0] > 3:
         fz[3] = float("nan")  # diverges at this step
+    z, fz = z.to(DEVICE), fz.to(DEVICE)
+    state = SolveState.start(z)
+    state = replace(state, out=torch.zeros_like(z), step=torch.tensor(4, device=DEVICE),
+                    iterations=torch.full((shape[0],), 4, device=DEVICE))
+    state.active[0] = False  # stopped earlier: untouched
+    state.residual[0] = 0.01
     return state, fz
 
 
@@ -69,8 +73,8 @@ def test_fused_picard_update_matches_reference(shape, dtype, stop_mode):
 
 
 def test_solver_with_the_fused_update_matches_the_reference(monkeypatch):
-    model = tiny_mamba2(tolerance=1e-5)
-    tokens = ids()
+    model = tiny_mamba2(tolerance=1e-5).to(DEVICE)
+    tokens = ids().to(DEVICE)
     for mode in ("simultaneous", "sequential"):
         model.config.inference_mode = mode
         with torch.no_grad():
@@ -89,14 +93,14 @@ def decode_case(batch, heads, head_dim, state_size, groups, width, dtype, bias, 
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(*shape, generator=generator).to(DEVICE)
 
     conv_dim = heads * head_dim + 2 * groups * state_size
     layers = 2  # states are views into the cache's stacked (batch, layers, ...) tensors
     conv_states = randn(batch, layers, conv_dim, width - 1).to(dtype)
     ssm_states = randn(batch, layers, heads, head_dim, state_size)
     projected = randn(batch, conv_dim + heads + 5).to(dtype)  # xbc and dt are slices of the in-projection
-    keep = (torch.arange(batch) != 1).float() if padded else None
+    keep = (torch.arange(batch, device=DEVICE) != 1).float() if padded else None
     xbc = projected[:, :conv_dim] * (1 if keep is None else keep[:, None].to(dtype))
     arguments = dict(
         dt=projected[:, conv_dim : conv_dim + heads], keep=keep, conv_state=conv_states[:, 1],
@@ -131,15 +135,15 @@ def test_fused_decode_step_matches_reference(batch, heads, head_dim, state_size,
 
 def test_model_decoding_with_the_fused_step_matches_the_reference(monkeypatch):
     # Few tokens and a loose tolerance: the interpreter runs every program of every launch in Python.
-    model = tiny_mamba2(tolerance=1e-3, num_hidden_layers=1)
-    tokens = ids(batch=2, length=4)
+    model = tiny_mamba2(tolerance=1e-3, num_hidden_layers=1).to(DEVICE)
+    tokens = ids(batch=2, length=4).to(DEVICE)
     mask = torch.ones_like(tokens)
     mask[0, :2] = 0
     settings = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
     expected = model.generate(tokens, attention_mask=mask, **settings)
     fused_step = kernels.mamba2_decode_step_triton
     monkeypatch.setattr(kernels, "_fast", lambda tensor, implementation: implementation is fused_step)
-    assert kernels.backends("cpu")["mamba2_decode_step"] == "triton"
+    assert kernels.backends(DEVICE)["mamba2_decode_step"] == "triton"
     fused = model.generate(tokens, attention_mask=mask, **settings)
     assert torch.equal(fused.sequences, expected.sequences)
     for a, b in zip(fused.scores, expected.scores):
@@ -150,6 +154,9 @@ def test_model_decoding_with_the_fused_step_matches_the_reference(monkeypatch):
 
 
 def test_dispatch_picks_pytorch_on_cpu(monkeypatch):
+    if torch.cuda.is_available():
+        fast = kernels.backends("cuda")
+        assert fast["mamba2_decode_step"] == fast["picard_update"] == "triton"
     assert set(kernels.backends("cpu").values()) == {"torch"}
     monkeypatch.setenv("IMPLICIT_LM_KERNELS", "torch")
     assert not kernels.kernels_enabled()
@@ -236,17 +243,18 @@ def test_interval_divergence_is_still_reported():
 
 
 @pytest.fixture
-def graphs_on_cpu(monkeypatch):
-    """CUDA-graph decoding on the CPU: the same static-buffer path, run uncaptured."""
-    monkeypatch.setattr(ImplicitBackboneMixin, "_use_decode_graphs",
-                        lambda self, embeds: self.config.cuda_graph_decoding and self.config.solver == "picard")
+def graph_decoding(monkeypatch):
+    """On a GPU, CUDA-graph decoding as users get it; on the CPU the same static-buffer path, run uncaptured."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(ImplicitBackboneMixin, "_use_decode_graphs",
+                            lambda self, embeds: self.config.cuda_graph_decoding and self.config.solver == "picard")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_graph_decoding_equals_eager(graphs_on_cpu, family):
+def test_graph_decoding_equals_eager(graph_decoding, family):
     model = FAMILIES[family](solver="picard", tolerance=1e-4, eval_max_iterations=400,
-                             convergence_check_interval=3)
-    tokens = ids()
+                             convergence_check_interval=3).to(DEVICE)
+    tokens = ids().to(DEVICE)
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
     settings = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
@@ -262,10 +270,11 @@ def test_graph_decoding_equals_eager(graphs_on_cpu, family):
         assert len(graphs) == 0
 
 
-def test_graph_decoding_caps_iterations_exactly(graphs_on_cpu):
+def test_graph_decoding_caps_iterations_exactly(graph_decoding):
     """A cap that is not a multiple of the interval is honoured exactly (the remainder runs uncaptured)."""
-    model = tiny_mamba2(tolerance=1e-12, eval_max_iterations=7, convergence_check_interval=3, prefill_mode="sequential")
-    tokens = ids(batch=2, length=3)
+    model = tiny_mamba2(tolerance=1e-12, eval_max_iterations=7, convergence_check_interval=3,
+                        prefill_mode="sequential").to(DEVICE)
+    tokens = ids(batch=2, length=3).to(DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mi.ConvergenceWarning)
         cache = model(tokens, use_cache=True).past_key_values

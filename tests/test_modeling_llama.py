@@ -127,6 +127,40 @@ def test_crop_rolls_the_kv_cache_back():
         cache.crop(2)
 
 
+def test_decoding_attends_to_the_past_without_copying_it(monkeypatch):
+    """The new token's keys/values go into scratch room after the committed ones: each evaluation attends to a view
+    of the cache's buffer (no copy of the past) and the buffer grows geometrically. (That the results equal attending
+    to a concatenation is the shared contract: generation equals recomputing the whole sequence.)"""
+    model = tiny_llama()
+    seen_keys = []
+    original = mi.modeling_implicit_llama._with_past
+
+    def spy(past, key, value):
+        out = original(past, key, value)
+        seen_keys.append((out[0].untyped_storage().data_ptr() == past.keys.untyped_storage().data_ptr(), past.length))
+        return out
+
+    monkeypatch.setattr(mi.modeling_implicit_llama, "_with_past", spy)
+    with torch.no_grad():
+        cache = model(ids(batch=2, length=5), use_cache=True).past_key_values
+        capacities = []
+        for step in range(12):
+            model(ids(batch=2, length=1, seed=step), past_key_values=cache, use_cache=True)
+            capacities.append(cache.capacity)
+    assert seen_keys and all(view for view, _ in seen_keys)
+    assert cache.get_seq_length() == 17 and all(s.shape[2] == 17 for s in cache.states)
+    assert capacities[-1] < 2 * 17 + 2 and len(set(capacities)) <= 3  # a few reallocations, not one per token
+
+
+def test_sequential_solve_with_gradients_concatenates_instead_of_writing():
+    """With a tape, writing the scratch room in place would clobber tensors saved for backward."""
+    model = tiny_llama(inference_mode="sequential")
+    tokens = ids(batch=1, length=4)
+    out = model(tokens)  # eval mode, grad enabled: phantom steps per token against the growing cache
+    out.logits.sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 def test_explicit_position_ids():
     model = tiny_llama()
     tokens = ids(batch=1, length=5)

@@ -39,9 +39,9 @@ class ImplicitMamba2Cache(ImplicitCache):
     Both are replaced as a whole at each commit: a recurrent state summarises the whole past.
     """
 
-    def _merge(self, new_states: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]) -> Mamba2States:
+    def _store(self, new_states: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], num_tokens: int) -> None:
         # The stack returns per-layer states (no copy per solver iteration); they are stacked once, here.
-        return tuple(torch.stack(per_layer, dim=1) for per_layer in new_states)
+        self.states = tuple(torch.stack(per_layer, dim=1) for per_layer in new_states)
 
 
 class GatedRMSNorm(nn.Module):

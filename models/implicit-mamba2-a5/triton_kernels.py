@@ -67,9 +67,9 @@ def _picard_update_kernel(
             step = tl.load(step_ptr)
             tl.store(iterations_ptr + sample, step)
             tl.store(residual_ptr + sample, res)
-            finite = (res == res) & (tl.abs(res) < float("inf"))
-            if (not finite) and tl.load(diverged_at_ptr + sample) == 0:
-                tl.store(diverged_at_ptr + sample, step)
+            if (res != res) | (tl.abs(res) == float("inf")):  # NaN or infinite: remember the first such step
+                if tl.load(diverged_at_ptr + sample) == 0:
+                    tl.store(diverged_at_ptr + sample, step)
             if res < tolerance:
                 tl.store(converged_ptr + sample, 1)
                 tl.store(active_ptr + sample, 0)

@@ -148,13 +148,22 @@ class StackInputs:
         return replace(self, padding_mask=mask)
 
 
+def _first_tensor(states: Any) -> torch.Tensor:
+    return states if isinstance(states, torch.Tensor) else _first_tensor(states[0])
+
+
+def _detach(states: Any) -> Any:
+    return states.detach() if isinstance(states, torch.Tensor) else type(states)(_detach(s) for s in states)
+
+
 class ImplicitCache(Cache):
     """Base of the caches that hold an implicit model's states *at the fixed point* for sequential generation.
 
     `states` is a tuple of tensors with the batch in dimension 0 (what the model's `_evaluate_stack` returns).
     The solver only reads them while iterating on new tokens; `commit` stores the converged result once.
-    Subclasses define how new states merge with the committed ones (`_merge`). `fixed_point` is the last token's
-    fixed point `(batch, 1, hidden_size)`, the start of the next token's solve with `config.warm_start`.
+    Subclasses define how new states join the committed ones (`_store`) and may keep room for the tokens being solved
+    (`reserve`). `fixed_point` is the last token's fixed point `(batch, 1, hidden_size)`, the start of the next
+    token's solve with `config.warm_start`.
     """
 
     def __init__(self) -> None:
@@ -163,18 +172,22 @@ class ImplicitCache(Cache):
         self.fixed_point: torch.Tensor | None = None
         self.seen_tokens = 0
 
-    def _merge(self, new_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def _store(self, new_states: tuple, num_tokens: int) -> None:
+        """Join the `num_tokens` new tokens' states (as `_evaluate_stack` returns them, detached) to the cache."""
         raise NotImplementedError
+
+    def reserve(self, num_tokens: int) -> None:
+        """Called before solving `num_tokens` new tokens against this cache; caches with scratch room grow it here."""
 
     def commit(self, new_states: tuple, num_tokens: int, fixed_point: torch.Tensor | None = None) -> None:
         """Store the fixed-point states reached after `num_tokens` more tokens and the last token's fixed point."""
-        merged = self._merge(new_states)
-        if self.states is not None and merged[0].shape[0] != self.states[0].shape[0]:
+        new_batch = _first_tensor(new_states).shape[0]
+        if self.states is not None and new_batch != self.states[0].shape[0]:
             raise ValueError(
                 f"Cache holds a batch of {self.states[0].shape[0]} but the new states have batch "
-                f"{merged[0].shape[0]}; reset the cache or pass inputs of the cached batch size."
+                f"{new_batch}; reset the cache or pass inputs of the cached batch size."
             )
-        self.states = tuple(s.detach() for s in merged)
+        self._store(_detach(new_states), num_tokens)
         self.fixed_point = None if fixed_point is None else fixed_point.detach()
         self.seen_tokens += num_tokens
 
@@ -254,8 +267,8 @@ class ImplicitBackboneMixin:
 
     Requires on the subclass: `config`, `get_input_embeddings()`, `injection` (an `InputInjection`, None when explicit),
     `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), states)` (the layer stack and its
-    final norm; it reads the cache and never writes it) and `make_cache()`. Models whose layers need more than the
-    padding mask (attention masks, positions) override `_prepare_stack_inputs`.
+    final norm; it never changes the cache's committed states) and `make_cache()`. Models whose layers need more than
+    the padding mask (attention masks, positions) override `_prepare_stack_inputs`.
     """
 
     def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None) -> str:
@@ -427,6 +440,8 @@ class ImplicitBackboneMixin:
         if use_cache and cache is None:
             cache = self.make_cache()
         past_len = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            cache.reserve(seq_len)
         mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
         stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
         injection = self.injection(inputs_embeds) if self.config.implicit else None
