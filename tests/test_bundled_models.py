@@ -46,9 +46,12 @@ def test_folder_is_a_complete_hub_repo(name):
 
 
 def test_loads_with_only_transformers_and_the_folders_code(tmp_path):
-    """In a fresh interpreter that never imports this package, the folder's own remote code is what runs."""
+    """In a fresh interpreter that never imports this package, the folder's own remote code is what runs, also
+    without any of the optional kernel packages."""
     script = (
         "import sys, torch\n"
+        "for name in ('mamba_ssm', 'causal_conv1d', 'flash_attn', 'triton'):\n"
+        "    sys.modules[name] = None\n"
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(MODELS / STATE_TRACKING[0])!r}, trust_remote_code=True)\n"
         "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
