@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from eval.common import config_overrides
 from modeling_implicit import (
     ConvergenceWarning,
     ImplicitLlamaConfig,
@@ -136,8 +137,8 @@ def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: ar
     rows = {}
     variants = [("eager", False)] + ([("cuda_graphs", True)] if prompt.is_cuda else [])
     for name, graphs in variants:
-        implicit.config.cuda_graph_decoding = graphs
-        runs = [decode(implicit, prompt, args.new_tokens) for _ in range(args.repeats + 1)][1:]
+        with config_overrides(implicit, cuda_graph_decoding=graphs):
+            runs = [decode(implicit, prompt, args.new_tokens) for _ in range(args.repeats + 1)][1:]
         seconds = statistics.median(r[0] for r in runs)
         iterations = statistics.mean(r[1] for r in runs)
         rows[name] = {
@@ -147,22 +148,19 @@ def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: ar
             "decode_overhead": seconds / ((iterations + 1) * explicit_step),
             "strict_decode_overhead": seconds / (explicit_step + (iterations - 1) * explicit_stack_step),
         }
-    implicit.config.cuda_graph_decoding = False
     return {"explicit_step_seconds": explicit_step, "explicit_stack_step_seconds": explicit_stack_step, **rows}
 
 
 @torch.no_grad()
 def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
     device = str(tokens.device)
-    config = implicit.config
-    saved = config.eval_max_iterations, config.tolerance, config.inference_mode
     rows = {}
     explicit_forward = median_seconds(lambda: explicit(tokens, use_cache=False), device, args.repeats)
     explicit_stack = median_seconds(lambda: explicit.base_model(tokens, use_cache=False), device, args.repeats)
     for iterations in args.simultaneous_iterations:
         # Exactly S iterations: no residual falls below a zero-ish tolerance.
-        config.update(dict(eval_max_iterations=iterations, tolerance=1e-30, inference_mode="simultaneous"))
-        with warnings.catch_warnings():
+        overrides = dict(eval_max_iterations=iterations, tolerance=1e-30, inference_mode="simultaneous")
+        with config_overrides(implicit, **overrides), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             seconds = median_seconds(lambda: implicit(tokens, use_cache=False), device, args.repeats)
         rows[iterations] = {
@@ -170,7 +168,6 @@ def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, ar
             "simultaneous_overhead": seconds / (iterations * explicit_forward),
             "strict_simultaneous_overhead": seconds / (explicit_forward + (iterations - 1) * explicit_stack),
         }
-    config.update(dict(zip(("eval_max_iterations", "tolerance", "inference_mode"), saved)))
     return {"explicit_forward_seconds": explicit_forward, "explicit_stack_seconds": explicit_stack,
             "by_iterations": rows}
 
@@ -178,14 +175,11 @@ def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, ar
 @torch.no_grad()
 def iteration_savings(model: Any, tokens: torch.Tensor, tolerance: float, max_iterations: int) -> dict[str, Any]:
     """Mean iterations per token in sequential mode for each solver variant, at one tolerance."""
-    config = model.config
-    saved = {name: getattr(config, name) for name in ("solver", "warm_start", "tolerance", "eval_max_iterations",
-                                                      "inference_mode")}
     rows, reference = {}, None
     for solver, warm_start in SOLVER_VARIANTS:
-        config.update(dict(solver=solver, warm_start=warm_start, tolerance=tolerance,
-                           eval_max_iterations=max_iterations, inference_mode="sequential"))
-        with warnings.catch_warnings():
+        overrides = dict(solver=solver, warm_start=warm_start, tolerance=tolerance,
+                         eval_max_iterations=max_iterations, inference_mode="sequential")
+        with config_overrides(model, **overrides), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             output = model(tokens, use_cache=False)
         stats = output.solver_stats
@@ -200,7 +194,6 @@ def iteration_savings(model: Any, tokens: torch.Tensor, tolerance: float, max_it
     base = rows["picard"]["mean_iterations"]
     for row in rows.values():
         row["saved"] = 1 - row["mean_iterations"] / base
-    config.update(saved)
     return rows
 
 

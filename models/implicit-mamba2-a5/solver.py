@@ -204,24 +204,24 @@ def picard_update_reference(
     """One Picard bookkeeping step in plain PyTorch, functional (safe under autograd): residuals, `out`, statistics
     and masks of the samples active before this step, and the damped update `z + damping (f(z) - z)` of those
     samples. The fused kernel (`kernels.picard_update`) does the same in one pass and is tested against this."""
-    step = state.step + 1
-    res = residual_norm(fz, state.z, stop_mode)
-    active = state.active
-    mask = active.view(-1, *([1] * (fz.dim() - 1)))
     compute = torch.promote_types(state.z.dtype, torch.float32)
     damped = ((1 - damping) * state.z.to(compute) + damping * fz.to(compute)).to(state.z.dtype)
-    return _track(state, fz, res, step, tolerance, z_next=torch.where(mask, damped, state.z))
+    return _advance(state, fz, damped, tolerance, stop_mode)
 
 
-def _track(
-    state: SolveState, fz: torch.Tensor, res: torch.Tensor, step: torch.Tensor, tolerance: float, z_next: torch.Tensor
+def _advance(
+    state: SolveState, fz: torch.Tensor, candidate: torch.Tensor, tolerance: float, stop_mode: str
 ) -> SolveState:
+    """The bookkeeping every update shares: residuals, `out`, statistics and masks of the samples active before this
+    step; those samples move to `candidate` (the damped or Anderson update), the others keep their iterate."""
+    step = state.step + 1
+    res = residual_norm(fz, state.z, stop_mode)
     active = state.active
     bad = active & ~torch.isfinite(res)
     newly_converged = active & (res < tolerance)
     return replace(
         state,
-        z=z_next,
+        z=torch.where(active.view(-1, *([1] * (fz.dim() - 1))), candidate, state.z),
         out=fz if state.out is None else _batch_where(active, fz, state.out),
         iterations=torch.where(active, step, state.iterations),
         residual=torch.where(active, res, state.residual),
@@ -247,11 +247,7 @@ def solver_iteration(
     fz, step_aux = fn(state.z)
     aux = step_aux if all_active or state.aux is None else _batch_where(state.active, step_aux, state.aux)
     if anderson is not None:
-        step = state.step + 1
-        res = residual_norm(fz, state.z, settings.stop_mode)
-        mask = state.active.view(-1, *([1] * (fz.dim() - 1)))
-        z_next = torch.where(mask, anderson.step(state.z, fz), state.z)
-        new = _track(state, fz, res, step, settings.tolerance, z_next)
+        new = _advance(state, fz, anderson.step(state.z, fz), settings.tolerance, settings.stop_mode)
     elif _fused_update_applies(state.z):
         new = _picard_update_fused(state, fz, settings)
     else:
@@ -288,24 +284,36 @@ def check_divergence(state: SolveState, diverged: bool) -> None:
     )
 
 
-def _iterate(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
-    state = SolveState.start(z0)
-    anderson = _Anderson(settings.anderson_memory, settings.damping) if settings.solver == "anderson" else None
+def run_in_chunks(settings: SolverSettings, run_chunk: Callable[[int, bool], SolveState]) -> SolveState:
+    """Drive a solve: `run_chunk(iterations, all_active)` advances the solve by that many iterations and returns the
+    state; between chunks the host tests convergence and divergence, once per `convergence_check_interval`
+    iterations (each test is a synchronisation; a sample that stops in between is frozen on the device all the
+    same). `all_active` says every sample was still active at the last test. The iteration cap is exact."""
     all_active = True
     done = 0
-    while done < settings.max_iterations:
-        # Convergence is tested on the host every `convergence_check_interval` iterations only: each test is a
-        # synchronisation, and a sample that stopped in between is frozen on the device all the same.
+    while True:
         chunk = min(settings.convergence_check_interval, settings.max_iterations - done)
-        for index in range(chunk):
-            state = solver_iteration(fn, state, settings, anderson, all_active=all_active and index == 0)
+        state = run_chunk(chunk, all_active)
         done += chunk
         diverged, any_active, all_active = torch.stack(
             [(state.diverged_at > 0).any(), state.active.any(), state.active.all()]
         ).tolist()
         check_divergence(state, diverged)
-        if not any_active:
-            break
+        if not any_active or done >= settings.max_iterations:
+            return state
+
+
+def _iterate(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
+    state = SolveState.start(z0)
+    anderson = _Anderson(settings.anderson_memory, settings.damping) if settings.solver == "anderson" else None
+
+    def run_chunk(iterations: int, all_active: bool) -> SolveState:
+        nonlocal state
+        for index in range(iterations):
+            state = solver_iteration(fn, state, settings, anderson, all_active=all_active and index == 0)
+        return state
+
+    state = run_in_chunks(settings, run_chunk)
     return FixedPointResult(state.out, state.aux, state.stats())
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .solver import FixedPointResult, SolverSettings, SolveState, check_divergence, solver_iteration
+from .solver import FixedPointResult, SolverSettings, SolveState, run_in_chunks, solver_iteration
 
 # Graphs kept per model; each holds its static buffers (a few copies of the committed states).
 _CAPACITY = 2
@@ -115,20 +115,15 @@ class _TokenGraph:
         state.converged.zero_()
         state.diverged_at.zero_()
         state.step.zero_()
-        settings = self.settings
-        interval = settings.convergence_check_interval
-        done = 0
-        while done < settings.max_iterations:
-            chunk = min(interval, settings.max_iterations - done)
-            if self.graph is not None and chunk == interval:
+
+        def run_chunk(iterations: int, all_active: bool) -> SolveState:
+            if self.graph is not None and iterations == self.settings.convergence_check_interval:
                 self.graph.replay()
-            else:
-                self._chunk(chunk)
-            done += chunk
-            diverged, any_active = torch.stack([(state.diverged_at > 0).any(), state.active.any()]).tolist()
-            check_divergence(state, diverged)
-            if not any_active:
-                break
+            else:  # no CUDA, or the remainder below the interval before the cap
+                self._chunk(iterations)
+            return state
+
+        run_in_chunks(self.settings, run_chunk)
         # The static buffers are overwritten by the next token: hand out copies.
         return FixedPointResult(
             state.out.clone(), _static_copy(state.aux), replace(state.stats(), **{
