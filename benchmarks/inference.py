@@ -3,7 +3,8 @@
     python -m benchmarks.inference [--family mamba2] [--size 130m] [--device cpu] [--tolerance 1e-3]
 
 An implicit token costs `iterations` evaluations of the layer stack; the floor is what the explicit model with the
-same weights pays for that many evaluations. Reported (medians of `--repeats` timed runs after a warm-up):
+same weights pays for that many evaluations. Implicit and explicit runs alternate in `--repeats` rounds after a
+warm-up, and each keeps its fastest time (the least disturbed by other load). Reported:
 
 - decode overhead = time per generated token / ((mean iterations + 1) x explicit single-token step), the explicit
   step being one cached forward of the explicit LM (`implicit=False`, same weights: embedding, stack, norm, head);
@@ -29,6 +30,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,66 +83,92 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(run: Callable[[], Any], device: str, repeats: int) -> float:
-    """Median wall time of `run()` over `repeats` calls after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def decode(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Greedy decoding of `new_tokens` after a prefill; returns (seconds per generated token, mean iterations)."""
-    device = str(prompt.device)
-    output = model(prompt, use_cache=True)
-    cache = output.past_key_values
-    token = output.logits[:, -1:].argmax(-1)
-    iterations = []
+def timed(run: Callable[[], Any], device: str) -> float:
+    """Wall time of `run()`, the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        output = model(token, past_key_values=cache, use_cache=True)
-        token = output.logits[:, -1:].argmax(-1)
-        if output.solver_stats is not None:
-            iterations.append(output.solver_stats.iterations.float().mean())
+    run()
     _sync(device)
-    seconds = (time.perf_counter() - start) / new_tokens
-    return seconds, float(torch.stack(iterations).mean()) if iterations else 1.0
+    return time.perf_counter() - start
 
 
-@torch.no_grad()
-def step_seconds(module: Any, prompt: torch.Tensor, repeats: int) -> float:
-    """Median time of one cached single-token forward of `module` (an explicit LM or backbone) after `prompt`."""
-    device = str(prompt.device)
-    cache = module(prompt, use_cache=True).past_key_values
+def best_of_rounds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each run (returning the seconds it measured) once as a warm-up, then `repeats` rounds of all of them in turn,
+    keeping each one's fastest time. Interleaving exposes implicit and explicit runs to the same background load, and
+    the fastest time is the least disturbed one (as `timeit` recommends)."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], run())
+    return best
+
+
+class Decoder:
+    """Greedy decoding of `new_tokens` after a prefill of `prompt`; each call returns the seconds per generated
+    token (the prefill not timed) and records the mean solver iterations per token in `iterations`."""
+
+    def __init__(self, model: Any, prompt: torch.Tensor, new_tokens: int):
+        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.iterations: list[float] = []
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        output = self.model(self.prompt, use_cache=True)
+        cache = output.past_key_values
+        first = output.logits[:, -1:].argmax(-1)
+        per_token: list[torch.Tensor] = []
+
+        def run() -> None:
+            token = first
+            for _ in range(self.new_tokens):
+                step = self.model(token, past_key_values=cache, use_cache=True)
+                token = step.logits[:, -1:].argmax(-1)
+                if step.solver_stats is not None:
+                    per_token.append(step.solver_stats.iterations.float().mean())
+
+        seconds = timed(run, str(self.prompt.device)) / self.new_tokens
+        self.iterations.append(float(torch.stack(per_token).mean()) if per_token else 1.0)
+        return seconds
+
+
+def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[], float]:
+    """A run timing one cached single-token forward of `module` (an explicit LM or backbone) after `prompt`, as the
+    mean over `steps` forwards; the cache is kept at the prompt's length so every step costs the same."""
+    with torch.no_grad():
+        cache = module(prompt, use_cache=True).past_key_values
     token = prompt[:, -1:]
     seen = cache.get_seq_length()
 
-    def run() -> None:
-        module(token, past_key_values=cache, use_cache=True)
-        # Keep the cache at the prompt's length: a growing key/value cache would make later steps dearer.
-        if cache.get_seq_length() > seen and hasattr(cache, "crop") and cache.is_croppable:
-            cache.crop(seen - cache.get_seq_length())
+    @torch.no_grad()
+    def run() -> float:
+        def forwards() -> None:
+            for _ in range(steps):
+                module(token, past_key_values=cache, use_cache=True)
+                if cache.is_croppable and cache.get_seq_length() > seen:
+                    cache.crop(seen - cache.get_seq_length())
 
-    return median_seconds(run, device, repeats)
+        return timed(forwards, str(prompt.device)) / steps
+
+    return run
 
 
 def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    explicit_step = step_seconds(explicit, prompt, args.repeats * 4)
-    explicit_stack_step = step_seconds(explicit.base_model, prompt, args.repeats * 4)
-    rows = {}
     variants = [("eager", False)] + ([("cuda_graphs", True)] if prompt.is_cuda else [])
+    decoders = {name: Decoder(implicit, prompt, args.new_tokens) for name, _ in variants}
+    runs: dict[str, Callable[[], float]] = {
+        "explicit_step": step_runner(explicit, prompt),
+        "explicit_stack_step": step_runner(explicit.base_model, prompt),
+    }
     for name, graphs in variants:
-        with config_overrides(implicit, cuda_graph_decoding=graphs):
-            runs = [decode(implicit, prompt, args.new_tokens) for _ in range(args.repeats + 1)][1:]
-        seconds = statistics.median(r[0] for r in runs)
-        iterations = statistics.mean(r[1] for r in runs)
+        runs[name] = partial(_with_overrides, implicit, dict(cuda_graph_decoding=graphs), decoders[name])
+    best = best_of_rounds(runs, args.repeats)
+    explicit_step, explicit_stack_step = best["explicit_step"], best["explicit_stack_step"]
+    rows = {}
+    for name, _ in variants:
+        seconds = best[name]
+        iterations = statistics.mean(decoders[name].iterations)
         rows[name] = {
             "seconds_per_token": seconds,
             "tokens_per_second": prompt.shape[0] / seconds,
@@ -151,18 +179,29 @@ def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: ar
     return {"explicit_step_seconds": explicit_step, "explicit_stack_step_seconds": explicit_stack_step, **rows}
 
 
+def _with_overrides(model: Any, overrides: dict[str, Any], run: Callable[[], float]) -> float:
+    with config_overrides(model, **overrides), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return run()
+
+
 @torch.no_grad()
 def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, args: argparse.Namespace) -> dict:
     device = str(tokens.device)
-    rows = {}
-    explicit_forward = median_seconds(lambda: explicit(tokens, use_cache=False), device, args.repeats)
-    explicit_stack = median_seconds(lambda: explicit.base_model(tokens, use_cache=False), device, args.repeats)
+    runs: dict[str, Callable[[], float]] = {
+        "explicit_forward": partial(timed, lambda: explicit(tokens, use_cache=False), device),
+        "explicit_stack": partial(timed, lambda: explicit.base_model(tokens, use_cache=False), device),
+    }
     for iterations in args.simultaneous_iterations:
         # Exactly S iterations: no residual falls below a zero-ish tolerance.
         overrides = dict(eval_max_iterations=iterations, tolerance=1e-30, inference_mode="simultaneous")
-        with config_overrides(implicit, **overrides), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            seconds = median_seconds(lambda: implicit(tokens, use_cache=False), device, args.repeats)
+        forward = partial(timed, lambda: implicit(tokens, use_cache=False), device)
+        runs[iterations] = partial(_with_overrides, implicit, overrides, forward)
+    best = best_of_rounds(runs, args.repeats)
+    explicit_forward, explicit_stack = best["explicit_forward"], best["explicit_stack"]
+    rows = {}
+    for iterations in args.simultaneous_iterations:
+        seconds = best[iterations]
         rows[iterations] = {
             "seconds": seconds,
             "simultaneous_overhead": seconds / (iterations * explicit_forward),
@@ -256,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="solver tolerance of every implicit run")
     parser.add_argument("--simultaneous-iterations", type=int, nargs="+", default=[8])
     parser.add_argument("--convergence-check-interval", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
     parser.add_argument("--model", action="append", default=[], help="trained model folder for the iteration table")
     parser.add_argument("--sections", default="decode,simultaneous,iterations",
                         help="comma-separated subset of decode, simultaneous, iterations")
