@@ -44,6 +44,7 @@ from modeling_implicit import (
     ImplicitMamba2Config,
     ImplicitMamba2ForCausalLM,
 )
+from modeling_implicit.compat import output_cache
 from modeling_implicit.kernels import backends
 
 # Model shapes: the reference's smallest (130M), a small one for quick runs, a tiny one for the tests.
@@ -116,14 +117,14 @@ class Decoder:
     @torch.no_grad()
     def __call__(self) -> float:
         output = self.model(self.prompt, use_cache=True)
-        cache = output.past_key_values
+        cache = output_cache(output)
         first = output.logits[:, -1:].argmax(-1)
         per_token: list[torch.Tensor] = []
 
         def run() -> None:
             token = first
             for _ in range(self.new_tokens):
-                step = self.model(token, past_key_values=cache, use_cache=True)
+                step = self.model(token, cache=cache, use_cache=True)
                 token = step.logits[:, -1:].argmax(-1)
                 if step.solver_stats is not None:
                     per_token.append(step.solver_stats.iterations.float().mean())
@@ -137,7 +138,7 @@ def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[
     """A run timing one cached single-token forward of `module` (an explicit LM or backbone) after `prompt`, as the
     mean over `steps` forwards; the cache is kept at the prompt's length so every step costs the same."""
     with torch.no_grad():
-        cache = module(prompt, use_cache=True).past_key_values
+        cache = output_cache(module(prompt, use_cache=True))
     token = prompt[:, -1:]
     seen = cache.get_seq_length()
 
@@ -145,7 +146,7 @@ def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[
     def run() -> float:
         def forwards() -> None:
             for _ in range(steps):
-                module(token, past_key_values=cache, use_cache=True)
+                module(token, cache=cache, use_cache=True)
                 if cache.is_croppable and cache.get_seq_length() > seen:
                     cache.crop(seen - cache.get_seq_length())
 

@@ -44,6 +44,7 @@ from eval.common import (
     save_figure,
     write_json,
 )
+from modeling_implicit.compat import output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def context_states(model: torch.nn.Module, context: torch.Tensor) -> tuple[tuple
         except FloatingPointError as error:  # the model's SolverDivergenceError
             raise EvalError(f"solving the context diverged: {error}") from error
     stats = output.solver_stats
-    return output.past_key_values.states, [] if stats is None else stats.iterations.flatten().tolist()
+    return output_cache(output).states, [] if stats is None else stats.iterations.flatten().tolist()
 
 
 def step_function(

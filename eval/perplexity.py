@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from modeling_implicit.compat import output_cache
+
 from .common import (
     SolverStatsRecorder,
     add_data_arguments,
@@ -69,8 +71,8 @@ def streamed_nll(model: torch.nn.Module, rows: torch.Tensor, chunk_size: int) ->
     with config_overrides(model, prefill_mode="sequential"):
         for start in range(0, rows.shape[1], chunk_size):
             chunk = rows[:, start : start + chunk_size]
-            output = model(chunk, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = model(chunk, cache=cache, use_cache=True)
+            cache = output_cache(output)
             logits = output.logits
             if previous_last is not None:  # the previous chunk's last position predicts this chunk's first token
                 losses.append(next_token_nll(previous_last, chunk[:, :1]))

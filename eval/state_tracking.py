@@ -61,6 +61,7 @@ from eval.common import (
     run_cli,
     run_metadata,
     save_figure,
+    word_level_tokenizer,
     write_json,
 )
 
@@ -211,14 +212,7 @@ def build_tokenizer(group: str) -> Any:
     """A word-level tokenizer over `element_names(group)` whose token ids are the element indices, so that the text
     `"01342 12034 ..."` is a word problem (and `pipeline("text-generation")` reads and writes elements). It has no
     special tokens: the vocabulary is exactly the group's; an unknown word is an error, not a silent `<unk>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = element_names(group)
-    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False)
+    return word_level_tokenizer(element_names(group))
 
 
 def _check_sizes(num_samples: int, length: int) -> None:

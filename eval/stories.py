@@ -29,7 +29,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .common import EvalError, atomic_write, load_model, new_figure, run_cli, run_metadata, save_figure, write_json
+from .common import (
+    WORD_PREFIX,
+    EvalError,
+    atomic_write,
+    load_model,
+    new_figure,
+    run_cli,
+    run_metadata,
+    save_figure,
+    word_level_tokenizer,
+    write_json,
+)
 
 PEOPLE = ("mary", "john", "sandra", "daniel")
 ROOMS = ("kitchen", "garden", "office", "bathroom", "bedroom", "hallway")
@@ -167,17 +178,10 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer() -> Any:
-    """A word-level tokenizer over `vocabulary()` (whitespace pre-tokenization), as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = vocabulary()
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", padding_side="left",
-                                   clean_up_tokenization_spaces=False)
+    """A word-level tokenizer over `vocabulary()` (see `word_level_tokenizer`), left-padding, as a transformers fast
+    tokenizer."""
+    specials = dict(zip(("pad_token", "bos_token", "eos_token", "unk_token"), SPECIAL_TOKENS, strict=True))
+    return word_level_tokenizer(vocabulary(), specials, padding_side="left")
 
 
 @torch.no_grad()
@@ -291,7 +295,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise EvalError(f"{args.model} has no tokenizer: the story LM needs the story tokenizer saved beside it")
-    unknown = set(vocabulary()) - set(tokenizer.get_vocab())
+    unknown = set(vocabulary()) - {token.removeprefix(WORD_PREFIX) for token in tokenizer.get_vocab()}
     if unknown:
         raise EvalError(f"{args.model}'s tokenizer lacks story words {sorted(unknown)[:5]}: not a story LM")
     results = answer_accuracy(model, tokenizer, lengths, args.stories_per_length, args.seed,

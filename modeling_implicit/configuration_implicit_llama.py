@@ -73,8 +73,8 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
         """Width of the concatenated query/key/value projections, which the input injection matches."""
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
 
-    def validate(self) -> None:
-        super().validate()
+    def validate_fields(self) -> None:
+        super().validate_fields()
         for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
         _require(
@@ -105,4 +105,3 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
             rope_type,
             f"'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}",
         )
-        self.validate_rope()

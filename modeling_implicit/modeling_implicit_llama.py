@@ -18,7 +18,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -32,7 +31,7 @@ from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
-    ImplicitCheckpointingMixin,
+    ImplicitLayer,
     InputInjection,
     RMSNorm,
     StackInputs,
@@ -79,6 +78,9 @@ class ImplicitLlamaCache(ImplicitCache):
     @states.setter
     def states(self, value: tuple[torch.Tensor, ...] | None) -> None:
         self._buffers = None if value is None else tuple(value)
+
+    def _num_layers(self) -> int:
+        return len(self._buffers) // 2
 
     @property
     def capacity(self) -> int:
@@ -223,7 +225,7 @@ class ImplicitLlamaAttention(nn.Module):
         return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value
 
 
-class ImplicitLlamaDecoderLayer(GradientCheckpointingLayer):
+class ImplicitLlamaDecoderLayer(ImplicitLayer):
     """Pre-norm block: `z + attn(norm(z), injection)`, then `z + mlp(norm(z))`."""
 
     def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
@@ -251,7 +253,7 @@ class ImplicitLlamaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, key_value
 
 
-class ImplicitLlamaPreTrainedModel(ImplicitCheckpointingMixin, PreTrainedModel):
+class ImplicitLlamaPreTrainedModel(PreTrainedModel):
     config_class = ImplicitLlamaConfig
     config: ImplicitLlamaConfig
     base_model_prefix = "model"

@@ -20,7 +20,7 @@ MODELS = ROOT / "models"
 STATE_TRACKING = ("implicit-mamba2-a5", "mamba2-4layer-a5")
 STORIES = "implicit-mamba2-stories"
 FRESH_SEED = 424242  # not a seed the recorded figures or the demo use
-REMOTE_CODE = ("configuration_implicit_mamba2.py", "modeling_implicit_mamba2.py", "modeling_implicit_utils.py",
+REMOTE_CODE = ("compat.py", "configuration_implicit_mamba2.py", "modeling_implicit_mamba2.py", "modeling_implicit_utils.py",
                "solver.py", "kernels.py", "triton_kernels.py", "decode_graphs.py")
 
 
@@ -39,29 +39,36 @@ def test_folder_is_a_complete_hub_repo(name):
     folder = MODELS / name
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_implicit_mamba2.ImplicitMamba2ForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_implicit_mamba2.ImplicitMamba2Model"
     for file in (*REMOTE_CODE, "model.safetensors", "tokenizer.json", "README.md"):
         assert (folder / file).is_file(), f"{name} lacks {file}"
     metadata = validate_model_card((folder / "README.md").read_text())
     assert "implicit-lm" in metadata["tags"]
 
 
-def test_loads_with_only_transformers_and_the_folders_code(tmp_path):
-    """In a fresh interpreter that never imports this package, the folder's own remote code is what runs, also
-    without any of the optional kernel packages."""
+@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])
+def test_loads_with_only_transformers_and_the_folders_code(tmp_path, name):
+    """In a fresh interpreter that never imports this package, the folder's own remote code is what runs, through
+    AutoModelForCausalLM and AutoModel, also without any of the optional kernel packages."""
     script = (
         "import sys, torch\n"
         "for name in ('mamba_ssm', 'causal_conv1d', 'flash_attn', 'triton'):\n"
         "    sys.modules[name] = None\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(MODELS / STATE_TRACKING[0])!r}, trust_remote_code=True)\n"
+        "from transformers import AutoModel, AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(MODELS / name)!r}, trust_remote_code=True)\n"
+        f"backbone = AutoModel.from_pretrained({str(MODELS / name)!r}, trust_remote_code=True)\n"
         "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
+        "assert type(backbone).__name__ == 'ImplicitMamba2Model', type(backbone)\n"
         "assert not any(name.startswith('modeling_implicit') for name in sys.modules)\n"
-        "print(model(torch.tensor([[0, 1, 2]])).logits.shape)\n"
+        "tokens = torch.tensor([[0, 1, 2]])\n"
+        "assert torch.equal(backbone(tokens).last_hidden_state, model.backbone(tokens).last_hidden_state)\n"
+        "print(model(tokens).logits.shape)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "torch.Size([1, 3, 64])" in result.stdout
+    vocab_size = json.loads((MODELS / name / "config.json").read_text())["vocab_size"]
+    assert f"torch.Size([1, 3, {vocab_size}])" in result.stdout
 
 
 @pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import modeling_implicit as mi
+from modeling_implicit.compat import output_cache
 
 
 def ids(batch=2, length=9, seed=0, vocab=64):
@@ -45,8 +46,8 @@ def test_token_by_token_with_cache_equals_sequential_forward(make_model):
         full = model(tokens, use_cache=False).logits
         cache, streamed = None, []
         for t in range(tokens.shape[1]):
-            out = model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(tokens[:, t : t + 1], cache=cache, use_cache=True)
+            cache = output_cache(out)
             streamed.append(out.logits)
     assert isinstance(cache, mi.ImplicitCache) and cache.get_seq_length() == tokens.shape[1]
     # The same solves; only kernels called on different shapes (rotary tables) may differ in the last bit.
@@ -56,7 +57,7 @@ def test_token_by_token_with_cache_equals_sequential_forward(make_model):
 def test_iterations_never_write_the_committed_cache(make_model):
     model = make_model()
     with torch.no_grad():
-        cache = model(ids(length=5), use_cache=True).past_key_values
+        cache = output_cache(model(ids(length=5), use_cache=True))
         before = tuple(s.clone() for s in cache.states)
         fn = fixed_point_function(model.base_model, ids(length=1, seed=1), cache)
         for _ in range(3):
@@ -68,7 +69,7 @@ def test_iterations_never_write_the_committed_cache(make_model):
 def test_cache_batch_operations(make_model):
     model = make_model()
     with torch.no_grad():
-        cache = model(ids(batch=3, length=5), use_cache=True).past_key_values
+        cache = output_cache(model(ids(batch=3, length=5), use_cache=True))
     assert cache.batch_size == 3 and not cache.is_compileable
     original = tuple(s.clone() for s in cache.states)
     cache.reorder_cache(torch.tensor([2, 0, 1]))
@@ -180,7 +181,7 @@ def test_bad_input_raises_clear_errors(make_model, kwargs, match):
 def test_a_foreign_cache_is_rejected(make_model):
     from transformers import DynamicCache
 
-    with pytest.raises(TypeError, match="past_key_values must be the model's own cache"):
+    with pytest.raises(TypeError, match="(cache|past_key_values) must be the model.s own cache"):
         make_model()(ids(), past_key_values=DynamicCache())
 
 
@@ -253,7 +254,7 @@ def test_training_step_reduces_loss(make_model):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        assert model(tokens, labels=tokens).past_key_values is None
+        assert output_cache(model(tokens, labels=tokens)) is None
     assert losses[-1] < losses[0]
 
 
@@ -264,8 +265,8 @@ def test_multi_token_continuation_from_a_cache(make_model, prefill_mode):
     with torch.no_grad():
         full = model(tokens, use_cache=False).logits
         first = model(tokens[:, :6], use_cache=True)
-        rest = model(tokens[:, 6:], past_key_values=first.past_key_values, use_cache=True)
-    assert rest.past_key_values.get_seq_length() == 10
+        rest = model(tokens[:, 6:], cache=output_cache(first), use_cache=True)
+    assert output_cache(rest).get_seq_length() == 10
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -277,6 +278,6 @@ def test_bfloat16_forward_and_generation(make_model):
         model.to(torch.bfloat16)
         out = model(tokens, use_cache=True)
     assert out.logits.dtype == torch.float32
-    assert out.past_key_values.states[0].dtype == torch.bfloat16
+    assert output_cache(out).states[0].dtype == torch.bfloat16
     assert (out.logits - reference).abs().max() < 0.05
     assert model.generate(tokens, max_new_tokens=3, do_sample=False).shape == (2, 12)

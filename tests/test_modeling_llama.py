@@ -7,6 +7,7 @@ from conftest import tiny_llama, tiny_llama_config
 from test_modeling_common import ids
 
 import modeling_implicit as mi
+from modeling_implicit.compat import output_cache
 
 
 def reference_llama(config: mi.ImplicitLlamaConfig, attn_implementation: str):
@@ -42,9 +43,9 @@ def test_explicit_model_reproduces_transformers_llama(attn_implementation):
         expected = reference(tokens, use_cache=False).logits
         got = ours(tokens, use_cache=False).logits
         first = ours(tokens[:, :5], use_cache=True)
-        streamed, cache = [first.logits], first.past_key_values
+        streamed, cache = [first.logits], output_cache(first)
         for t in range(5, 11):
-            streamed.append(ours(tokens[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            streamed.append(ours(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(streamed, 1), expected, atol=1e-5, rtol=1e-5)
     assert ours(tokens).solver_stats is None
@@ -87,7 +88,7 @@ def test_sequential_and_simultaneous_prefill_commit_the_same_keys_and_values():
     for mode in ("simultaneous", "sequential"):
         model = tiny_llama(prefill_mode=mode)
         with torch.no_grad():
-            caches[mode] = model(tokens, past_key_values=model.model.make_cache(), use_cache=True).past_key_values
+            caches[mode] = output_cache(model(tokens, cache=model.model.make_cache(), use_cache=True))
     config = tiny_llama_config()
     for a, b in zip(caches["simultaneous"].states, caches["sequential"].states):
         assert a.shape == (2, config.num_key_value_heads, 6, config.head_dim)
@@ -117,11 +118,11 @@ def test_crop_rolls_the_kv_cache_back():
     tokens = ids(length=9)
     with torch.no_grad():
         full = model(tokens, use_cache=False).logits
-        cache = model(tokens[:, :8], use_cache=True).past_key_values
+        cache = output_cache(model(tokens[:, :8], use_cache=True))
         assert cache.is_croppable
         cache.crop(-3)
         assert cache.get_seq_length() == 5 and cache.states[0].shape[2] == 5
-        rest = model(tokens[:, 5:], past_key_values=cache, use_cache=True).logits
+        rest = model(tokens[:, 5:], cache=cache, use_cache=True).logits
     torch.testing.assert_close(rest, full[:, 5:], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="negative number"):
         cache.crop(2)
@@ -142,10 +143,10 @@ def test_decoding_attends_to_the_past_without_copying_it(monkeypatch):
 
     monkeypatch.setattr(mi.modeling_implicit_llama, "_with_past", spy)
     with torch.no_grad():
-        cache = model(ids(batch=2, length=5), use_cache=True).past_key_values
+        cache = output_cache(model(ids(batch=2, length=5), use_cache=True))
         capacities = []
         for step in range(12):
-            model(ids(batch=2, length=1, seed=step), past_key_values=cache, use_cache=True)
+            model(ids(batch=2, length=1, seed=step), cache=cache, use_cache=True)
             capacities.append(cache.capacity)
     assert seen_keys and all(view for view, _ in seen_keys)
     assert cache.get_seq_length() == 17 and all(s.shape[2] == 17 for s in cache.states)

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 import modeling_implicit as mi
 
-SHARED_FILES = {"configuration_implicit.py", "modeling_implicit_utils.py", "numerics.py", "solver.py"}
+SHARED_FILES = {"compat.py", "configuration_implicit.py", "modeling_implicit_utils.py", "numerics.py", "solver.py"}
 REMOTE_FILES = {
     "mamba2": SHARED_FILES
     | {"configuration_implicit_mamba2.py", "modeling_implicit_mamba2.py", "mamba2_ops.py"},
@@ -28,6 +28,7 @@ def test_save_writes_code_and_auto_map(tmp_path, make_model, family):
     assert config["model_type"] == f"implicit_{family}"
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_implicit_{family}.{name}"
     assert config["auto_map"]["AutoConfig"] == f"configuration_implicit_{family}.{type(model.config).__name__}"
+    assert config["auto_map"]["AutoModel"] == f"modeling_implicit_{family}.{type(model.base_model).__name__}"
 
 
 def test_remote_code_loads_without_the_package(tmp_path, make_model):
@@ -37,19 +38,25 @@ def test_remote_code_loads_without_the_package(tmp_path, make_model):
     tokens = torch.tensor([[5, 9, 13, 2, 40]])
     with torch.no_grad():
         expected = model(tokens).logits
-    torch.save({"tokens": tokens, "logits": expected}, tmp_path / "expected.pt")
+        hidden = model.base_model(tokens).last_hidden_state
+    torch.save({"tokens": tokens, "logits": expected, "hidden": hidden}, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
         torch.set_num_threads({torch.get_num_threads()})  # bitwise equality needs the same reduction order
+        from transformers import AutoModel
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        backbone = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "modeling_implicit" not in sys.modules, "the package was imported"
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(backbone).__name__ == {type(model.base_model).__name__!r}, type(backbone)
         data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             logits = model(data["tokens"]).logits
+            hidden = backbone(data["tokens"]).last_hidden_state
         assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+        assert torch.equal(hidden, data["hidden"]), (hidden - data["hidden"]).abs().max()
         print("REMOTE_OK", type(model).__name__)
         """
     )

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_implicit.compat import enable_activation_checkpointing
+
 from .curriculum import Curriculum, CurriculumError, resolve_curriculum
 from .data import (
     EVAL_SEED_OFFSET,
@@ -308,7 +310,7 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume, or another folder")
 
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if args.lora_rank:
         model = add_lora(model, args)
     model.train()

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .kernels import causal_conv1d_silu, mamba2_decode_step, ssd_chunk_scan
@@ -21,7 +20,7 @@ from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
-    ImplicitCheckpointingMixin,
+    ImplicitLayer,
     InputInjection,
     RMSNorm,
     StackInputs,
@@ -42,6 +41,9 @@ class ImplicitMamba2Cache(ImplicitCache):
     def _store(self, new_states: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], num_tokens: int) -> None:
         # The stack returns per-layer states (no copy per solver iteration); they are stacked once, here.
         self.states = tuple(torch.stack(per_layer, dim=1) for per_layer in new_states)
+
+    def _num_layers(self) -> int:
+        return self.states[0].shape[1]
 
 
 class GatedRMSNorm(nn.Module):
@@ -179,7 +181,7 @@ class ImplicitMamba2Mixer(nn.Module):
         )
 
 
-class ImplicitMamba2Block(GradientCheckpointingLayer):
+class ImplicitMamba2Block(ImplicitLayer):
     """Pre-norm residual block: `z + mixer(norm(z), injection)`."""
 
     def __init__(self, config: ImplicitMamba2Config):
@@ -203,7 +205,7 @@ class ImplicitMamba2Block(GradientCheckpointingLayer):
         return residual + mixed, states
 
 
-class ImplicitMamba2PreTrainedModel(ImplicitCheckpointingMixin, PreTrainedModel):
+class ImplicitMamba2PreTrainedModel(PreTrainedModel):
     config_class = ImplicitMamba2Config
     config: ImplicitMamba2Config
     base_model_prefix = "backbone"

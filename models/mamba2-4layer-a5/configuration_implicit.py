@@ -118,8 +118,14 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the first invalid field. Models call it on every forward, so settings changed
-        after construction (a training curriculum, a user override) are checked too."""
+        """Raise `ValueError` naming the first invalid field, then run transformers' own config validation (special
+        token ids, rotary parameters, ...). Models call it on every forward, so settings changed after construction
+        (a training curriculum, a user override) are checked too."""
+        self.validate_fields()
+        super().validate()
+
+    def validate_fields(self) -> None:
+        """Our own checks (family configurations extend them), each naming the field it rejects."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
         _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "> 0")

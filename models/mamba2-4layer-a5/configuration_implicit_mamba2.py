@@ -66,8 +66,8 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
         """Width of the in-projection (gate, x, B, C, dt), which the input injection matches."""
         return self.intermediate_size + self.conv_dim + self.num_heads
 
-    def validate(self) -> None:
-        super().validate()
+    def validate_fields(self) -> None:
+        super().validate_fields()
         for name in ("state_size", "head_dim", "expand", "n_groups", "conv_kernel", "chunk_size"):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
         _require(

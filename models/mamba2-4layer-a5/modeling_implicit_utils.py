@@ -9,20 +9,20 @@ solver, padding, committing states, statistics, warnings, validation) lives here
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .compat import CACHE_NAME, RecurrentGenerationMixin, cache_argument, cache_field, output_cache
 from .decode_graphs import DecodeGraphs
 from .numerics import at_least_float32
 from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
@@ -78,53 +78,40 @@ class InputInjection(nn.Module):
         init.zeros_(self.bias)
 
 
-def _checkpoint_while_recording(checkpoint_function: Callable, function: Callable, *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
-        return function(*args, **kwargs)
-    return checkpoint_function(function, *args, **kwargs)
+class ImplicitLayer(GradientCheckpointingLayer):
+    """A block of an implicit stack. With activation checkpointing on (`model.gradient_checkpointing_enable()`), a block
+    is checkpointed only when autograd records the call: the phantom steps, or every iteration of an unrolled backward.
+    The tape-free solver iterations run under `no_grad`, where nothing is saved; a checkpoint there would still copy
+    the RNG states on every call (and with `use_reentrant=True` warn whenever no input requires grad)."""
 
-
-class ImplicitCheckpointingMixin:
-    """Activation checkpointing (`model.activation_checkpointing_enable()`) for implicit models.
-
-    The blocks are transformers `GradientCheckpointingLayer`s, but a block is checkpointed only when autograd records
-    the call: the phantom steps, or every iteration of an unrolled backward. The tape-free solver iterations run under
-    `no_grad`, where nothing is saved; a checkpoint there would still copy the RNG states on every call (and with
-    `use_reentrant=True` warn whenever no input requires grad).
-    """
-
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
-    ) -> None:
-        # A partial of a module-level function, as transformers' own: layers holding it stay picklable.
-        checkpoint_function = partial(_checkpoint_while_recording, gradient_checkpointing_func)
-        super()._set_gradient_checkpointing(enable, checkpoint_function, every_n_layers)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 @dataclass
-class ImplicitModelOutput(ModelOutput):
-    """Output of an implicit backbone.
+class ImplicitModelOutput(BaseModelOutputWithPast):
+    """Output of an implicit backbone: transformers' `BaseModelOutputWithPast` plus the solver statistics.
 
     Attributes:
         last_hidden_state: `(batch, seq_len, hidden_size)` the fixed point `z*` (after the final norm).
-        past_key_values: the `ImplicitCache` holding the committed fixed-point states, when `use_cache`.
+        cache (transformers >= 5.24) / past_key_values (earlier): the `ImplicitCache` holding the committed fixed-point
+            states, when `use_cache` (see `compat.CACHE_NAME`).
+        hidden_states / attentions: see the backbone's `forward`.
         solver_stats: per-sample (`(batch,)`, simultaneous mode) or per-token (`(batch, seq_len)`, sequential mode)
             iterations, final residuals and convergence flags; `None` for explicit models.
     """
 
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
     solver_stats: SolverStats | None = None
 
 
 @dataclass
-class ImplicitCausalLMOutput(ModelOutput):
-    """Output of an implicit causal LM: `loss` (when `labels` are given), `logits` (float32) and the backbone's
-    `past_key_values` and `solver_stats` (see `ImplicitModelOutput`)."""
+class ImplicitCausalLMOutput(CausalLMOutputWithPast):
+    """Output of an implicit causal LM: transformers' `CausalLMOutputWithPast` (`loss` when `labels` are given,
+    float32 `logits`, the cache, hidden states and attentions) plus the backbone's `solver_stats` (see
+    `ImplicitModelOutput`)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
     solver_stats: SolverStats | None = None
 
 
@@ -146,6 +133,15 @@ class StackInputs:
         """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
         mask = None if self.padding_mask is None else self.padding_mask[:, index : index + 1]
         return replace(self, padding_mask=mask)
+
+
+class CacheSnapshot(NamedTuple):
+    """What an `ImplicitCache` holds: `states` (as `ImplicitCache.states`), the number of committed tokens and the last
+    token's fixed point."""
+
+    states: tuple[torch.Tensor, ...] | None
+    seen_tokens: int
+    fixed_point: torch.Tensor | None
 
 
 def _first_tensor(states: Any) -> torch.Tensor:
@@ -191,6 +187,17 @@ class ImplicitCache(Cache):
         self.fixed_point = None if fixed_point is None else fixed_point.detach()
         self.seen_tokens += num_tokens
 
+    def snapshot(self) -> CacheSnapshot:
+        """The committed states, token count and last fixed point, without copying them."""
+        return CacheSnapshot(self.states, self.seen_tokens, self.fixed_point)
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Make this cache hold `snapshot` (tensors are shared, not copied): what the CUDA-graph path does to solve
+        against static copies of a cache, and how a cache is rebuilt from states held elsewhere."""
+        self.states = snapshot.states
+        self.seen_tokens = snapshot.seen_tokens
+        self.fixed_point = snapshot.fixed_point
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
@@ -224,7 +231,11 @@ class ImplicitCache(Cache):
             )
 
     def __len__(self) -> int:
-        return 0 if self.states is None else 1
+        """Number of layers whose states the cache holds (0 until the first commit), as for transformers' caches."""
+        return 0 if self.states is None else self._num_layers()
+
+    def _num_layers(self) -> int:
+        raise NotImplementedError
 
     @property
     def batch_size(self) -> int:
@@ -341,9 +352,13 @@ class ImplicitBackboneMixin:
         if getattr(self, "_decode_graphs", None) is None:
             self._decode_graphs = DecodeGraphs()
 
+        # A graph's static cache keeps the token count it was captured with: where the count matters (the Llama
+        # cache's committed length) it is the states' shape, which is part of the graph's key.
+        seen_tokens = cache.seen_tokens
+
         def make_fn(static_injection, static_inputs, static_states):
             static_cache = self.make_cache()
-            static_cache.states = static_states
+            static_cache.restore(CacheSnapshot(static_states, seen_tokens, None))
             return self._fixed_point_function(static_injection, static_inputs, static_cache, return_states=True)
 
         return self._decode_graphs.solve(
@@ -410,14 +425,16 @@ class ImplicitBackboneMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: ImplicitCache | None = None,
+        cache: ImplicitCache | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: ImplicitCache | None = None,
         **kwargs: Any,
     ) -> ImplicitModelOutput | tuple:
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
         if output_hidden_states or output_attentions:
             raise ValueError(
                 "Implicit models iterate one layer stack to a fixed point; per-layer hidden states and attention maps "
@@ -425,10 +442,11 @@ class ImplicitBackboneMixin:
             )
         self.config.validate()
         self._validate_inputs(input_ids, inputs_embeds)
-        if past_key_values is not None and not isinstance(past_key_values, ImplicitCache):
+        passed_cache = cache_argument(cache, past_key_values)
+        if passed_cache is not None and not isinstance(passed_cache, ImplicitCache):
             raise TypeError(
-                f"past_key_values must be the model's own cache ({type(self.make_cache()).__name__}); "
-                f"got {type(past_key_values).__name__}."
+                f"{CACHE_NAME} must be the model's own cache ({type(self.make_cache()).__name__}); "
+                f"got {type(passed_cache).__name__}."
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training:
@@ -436,7 +454,7 @@ class ImplicitBackboneMixin:
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
-        cache = past_key_values
+        cache = passed_cache
         if use_cache and cache is None:
             cache = self.make_cache()
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -446,7 +464,7 @@ class ImplicitBackboneMixin:
         stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
         injection = self.injection(inputs_embeds) if self.config.implicit else None
 
-        if self._solve_mode(seq_len, past_key_values) == "simultaneous":
+        if self._solve_mode(seq_len, passed_cache) == "simultaneous":
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
             result = self._solve(fn, inputs_embeds)
             if cache is not None:
@@ -475,12 +493,12 @@ class ImplicitBackboneMixin:
         if not self.training:  # a training cap is part of the recipe (the bounded phase never converges)
             _warn_if_not_converged(stats)
         output = ImplicitModelOutput(
-            last_hidden_state=hidden, past_key_values=cache if use_cache else None, solver_stats=stats
+            last_hidden_state=hidden, **cache_field(cache if use_cache else None), solver_stats=stats
         )
         return output if return_dict is not False else output.to_tuple()
 
 
-class ImplicitCausalLMMixin:
+class ImplicitCausalLMMixin(RecurrentGenerationMixin):
     """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs.
 
     Requires on the subclass: the backbone under `base_model_prefix` and `lm_head`.
@@ -500,12 +518,21 @@ class ImplicitCausalLMMixin:
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        # transformers maps only the saved class (and the config) in `auto_map`; map `AutoModel` to the backbone too,
+        # so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` works on every saved causal LM.
+        if self._auto_class is not None:
+            backbone = type(self.base_model)
+            module = backbone.__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.{backbone.__name__}"}
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: ImplicitCache | None = None,
+        cache: ImplicitCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -513,13 +540,15 @@ class ImplicitCausalLMMixin:
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: ImplicitCache | None = None,
         **kwargs: Any,
     ) -> ImplicitCausalLMOutput | tuple:
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             use_cache=use_cache,
             position_ids=position_ids,
             output_hidden_states=output_hidden_states,
@@ -533,12 +562,7 @@ class ImplicitCausalLMMixin:
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = ImplicitCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, solver_stats=outputs.solver_stats
+            loss=loss, logits=logits, **cache_field(output_cache(outputs)),
+            solver_stats=outputs.solver_stats,
         )
         return output if return_dict is not False else output.to_tuple()
-
-    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
-        # generate() would build a DynamicCache (under `cache_params` for classes named *Mamba*); ours is built lazily
-        # on the first forward, so it sees the batch already expanded for beams / num_return_sequences.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.base_model.make_cache()

@@ -1,0 +1,71 @@
+"""Bring Hub-layout folders written by an earlier release up to this package's remote code.
+
+    python -m conversion.refresh_remote_code models/implicit-mamba2-a5 models/mamba2-4layer-a5
+
+Each folder is loaded with this package's classes and saved again: its modeling files and `config.json` (with the
+current `auto_map`) are rewritten, and every other file (weights, tokenizer, card, recorded figures) is kept as it
+is. The weights are checked to survive the round trip unchanged, and the folder is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+import modeling_implicit  # noqa: F401  (registers the configurations)
+
+from .checkpoint_io import atomic_output_dir
+from .reference import ConversionError, model_class
+
+REWRITTEN = ("config.json",)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(file))
+    return weights
+
+
+def refresh_remote_code(folder: str | Path) -> list[str]:
+    """Rewrite `folder`'s remote code and config with this package's; returns the names of the files rewritten."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} is not a model folder: it has no config.json")
+    config = AutoConfig.from_pretrained(folder)
+    model = model_class(config).from_pretrained(folder, dtype=config.dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = Path(scratch)
+        model.save_pretrained(saved)
+        before, after = _weights(folder), _weights(saved)
+        changed = sorted(name for name in before.keys() | after.keys()
+                         if name not in before or name not in after or not torch.equal(before[name], after[name]))
+        if changed:
+            raise ConversionError(f"{folder}: the weights do not survive a reload unchanged: {changed}")
+        rewritten = [*REWRITTEN, *sorted(path.name for path in saved.glob("*.py"))]
+        with atomic_output_dir(folder, overwrite=True) as staging:
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            for stale in staging.glob("*.py"):
+                stale.unlink()
+            for name in rewritten:
+                shutil.copy2(saved / name, staging / name)
+    return rewritten
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="Hub-layout model folders to refresh in place")
+    args = parser.parse_args(argv)
+    for folder in tqdm(args.folders, desc="refreshing", unit="folder"):
+        refresh_remote_code(folder)
+
+
+if __name__ == "__main__":
+    main()

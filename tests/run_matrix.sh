@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command (README; .ci/run calls it): the whole suite on the newest transformers, which is what a newcomer's
+# pip resolves, then the model contract, generation, remote-code and pipeline tests again on the oldest transformers
+# pyproject.toml declares (`transformers>=FLOOR`), in a venv of their own holding only torch, transformers, this
+# package's requirements and pytest. torch is pinned so that pip takes the CPU wheel instead of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch_pin="torch==2.13.0"
+floor_tests=(tests/test_transformers_compat.py tests/test_config.py tests/test_modeling_common.py
+             tests/test_modeling_mamba2.py tests/test_modeling_llama.py tests/test_remote_code.py
+             tests/test_bundled_models.py)
+
+pip install -q "$torch_pin"
+pip install -q -e ".[dev]"
+pip install -q --upgrade "transformers<6"
+echo "== newest leg: transformers $(python -c 'import transformers; print(transformers.__version__)')"
+python -m pytest -q
+
+floor=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+[ -n "$floor" ] || { echo "pyproject.toml declares no transformers floor" >&2; exit 1; }
+venv=.venv-floor
+installed=$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)
+if [ "$installed" != "$floor" ]; then
+    rm -rf "$venv"
+    python -m venv "$venv"
+    "$venv/bin/pip" install -q "$torch_pin"
+    "$venv/bin/pip" install -q -e . "transformers==$floor" "pytest>=8" "pytest-timeout>=2.3"
+fi
+echo "== floor leg: transformers $floor"
+"$venv/bin/python" -m pytest -q "${floor_tests[@]}"
