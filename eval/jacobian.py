@@ -148,7 +148,7 @@ def step_function(
         cache = backbone.make_cache()
         cache.states = (conv_states, h.view(ssm_shape))
         fn = backbone._fixed_point_function(injection, stack_inputs, cache, return_states=True)
-        f, (_, new_ssm_states) = fn(z.view_as(embeddings))  # per-layer states
+        f, ((_, new_ssm_states), _, _) = fn(z.view_as(embeddings))  # per-layer states
         return f.reshape(-1), torch.stack(new_ssm_states, dim=1).reshape(-1)
 
     return step, embeddings.reshape(-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -35,6 +35,7 @@ from .modeling_implicit_utils import (
     InputInjection,
     RMSNorm,
     StackInputs,
+    StackRecorder,
 )
 from .numerics import at_least_float32
 
@@ -147,7 +148,8 @@ class LlamaStackInputs(StackInputs):
         if mask is not None:
             mask = mask[:, :visible] if mask.dim() == 2 else mask[:, :, index : index + 1, :visible]
         cos, sin = self.position_embeddings
-        return LlamaStackInputs(
+        return replace(
+            self,
             padding_mask=None if self.padding_mask is None else self.padding_mask[:, index : index + 1],
             attention_mask=mask,
             position_embeddings=(cos[:, index : index + 1], sin[:, index : index + 1]),
@@ -197,7 +199,10 @@ class ImplicitLlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_value: KeyValueBuffer | None,
-    ) -> tuple[torch.Tensor, KeyValue]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
+        """Returns the output, the new tokens' keys/values and, with `output_attentions` (eager attention, whatever
+        the configured implementation), the attention weights `(batch, heads, new, past + new)`."""
         batch, seq_len, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if injection is not None:
@@ -210,10 +215,9 @@ class ImplicitLlamaAttention(nn.Module):
         if past_key_value is not None:
             key, value = _with_past(past_key_value, key, value)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, _ = attention(
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, weights = attention(
             self,
             query,
             key,
@@ -222,7 +226,7 @@ class ImplicitLlamaAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value
+        return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value, weights
 
 
 class ImplicitLlamaDecoderLayer(ImplicitLayer):
@@ -243,14 +247,17 @@ class ImplicitLlamaDecoderLayer(ImplicitLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_value: KeyValueBuffer | None,
-    ) -> tuple[torch.Tensor, KeyValue]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
         dtype = self.input_layernorm.weight.dtype
         residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
         normed = self.input_layernorm(hidden_states.to(dtype))
-        attended, key_value = self.self_attn(normed, injection, position_embeddings, attention_mask, past_key_value)
+        attended, key_value, weights = self.self_attn(
+            normed, injection, position_embeddings, attention_mask, past_key_value, output_attentions
+        )
         hidden_states = residual + attended
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states.to(dtype)))
-        return hidden_states, key_value
+        return hidden_states, key_value, weights
 
 
 class ImplicitLlamaPreTrainedModel(PreTrainedModel):
@@ -332,12 +339,11 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
 
     def _attention_mask(
         self, attention_mask: torch.Tensor | None, seq_len: int, past_len: int, dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device, implementation: str,
     ) -> torch.Tensor | None:
         """The causal + padding mask of the new tokens over all `past_len + seq_len` keys, in the form the attention
         implementation takes: flash attention the 2D padding mask (causality by `is_causal`), sdpa a boolean mask
         (None when its `is_causal` suffices), eager an additive float mask."""
-        implementation = self.config._attn_implementation
         if "flash" in implementation:
             return attention_mask
         if attention_mask is None and (seq_len == 1 or (past_len == 0 and implementation == "sdpa")):
@@ -359,13 +365,21 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         position_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
         past_len: int,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> LlamaStackInputs:
         batch, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         position_ids = self._position_ids(attention_mask, position_ids, batch, seq_len, past_len, device)
+        # Attention maps come from eager attention, whatever the configured implementation (as in transformers).
+        implementation = "eager" if output_attentions else self.config._attn_implementation
         return LlamaStackInputs(
             padding_mask=None if attention_mask is None else attention_mask[:, -seq_len:],
-            attention_mask=self._attention_mask(attention_mask, seq_len, past_len, inputs_embeds.dtype, device),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            attention_mask=self._attention_mask(
+                attention_mask, seq_len, past_len, inputs_embeds.dtype, device, implementation
+            ),
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
         )
 
@@ -376,22 +390,25 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         stack_inputs: LlamaStackInputs,
         cache: ImplicitLlamaCache | None,
         return_states: bool,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...] | None, tuple | None, tuple | None]]:
         """One pass of the stack and the final norm; attends to the committed keys/values in `cache` (the new tokens'
-        go into its scratch room, the committed ones are never written) and returns the new tokens' keys/values when
-        `return_states`."""
+        go into its scratch room, the committed ones are never written). Returns `(f(z), (states, hidden_states,
+        attentions))`: the new tokens' keys/values when `return_states`, and what `StackRecorder` records."""
         new_states: list[torch.Tensor] = []
+        recorder = StackRecorder(stack_inputs, hidden_states)
         for index, layer in enumerate(self.layers):
-            hidden_states, key_value = layer(
+            hidden_states, key_value, weights = layer(
                 hidden_states,
                 injection,
                 stack_inputs.position_embeddings,
                 stack_inputs.attention_mask,
                 None if cache is None else cache.layer(index),
+                stack_inputs.output_attentions,
             )
             new_states.extend(key_value)
+            recorder.block(hidden_states, weights)
         hidden_states = self.norm(hidden_states)
-        return hidden_states, tuple(new_states) if return_states else None
+        return hidden_states, (tuple(new_states) if return_states else None, *recorder.finish(hidden_states))
 
 
 class ImplicitLlamaForCausalLM(ImplicitCausalLMMixin, ImplicitLlamaPreTrainedModel, GenerationMixin):

@@ -24,6 +24,7 @@ from .modeling_implicit_utils import (
     InputInjection,
     RMSNorm,
     StackInputs,
+    StackRecorder,
 )
 from .numerics import at_least_float32
 
@@ -272,10 +273,12 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         stack_inputs: StackInputs,
         cache: ImplicitMamba2Cache | None,
         return_states: bool,
-    ) -> tuple[torch.Tensor, Mamba2States | None]:
-        """One pass of the stack and `norm_f` against the committed states in `cache`, which it only reads."""
+    ) -> tuple[torch.Tensor, tuple[Mamba2States | None, tuple | None, None]]:
+        """One pass of the stack and `norm_f` against the committed states in `cache`, which it only reads; returns
+        `(f(z), (states, hidden_states, None))` (see `StackRecorder`)."""
         mask = stack_inputs.padding_mask
         past = cache.states if cache is not None else None
+        recorder = StackRecorder(stack_inputs, hidden_states)
         conv_states, ssm_states = [], []
         for index, layer in enumerate(self.layers):
             hidden_states, (conv_state, ssm_state) = layer(
@@ -287,10 +290,10 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
             )
             conv_states.append(conv_state)
             ssm_states.append(ssm_state)
+            recorder.block(hidden_states)
         hidden_states = self.norm_f(hidden_states)
-        if not return_states:
-            return hidden_states, None
-        return hidden_states, (tuple(conv_states), tuple(ssm_states))
+        states = (tuple(conv_states), tuple(ssm_states)) if return_states else None
+        return hidden_states, (states, *recorder.finish(hidden_states))
 
 
 class ImplicitMamba2ForCausalLM(ImplicitCausalLMMixin, ImplicitMamba2PreTrainedModel, GenerationMixin):

@@ -123,16 +123,63 @@ class StackInputs:
     Attributes:
         padding_mask: `(batch, seq_len)` 1 for real tokens and 0 for padding among the new tokens, or `None` when
             nothing is padded. Padding positions of `z` are held at zero, so they never enter a residual.
+        output_hidden_states / output_attentions: record, in every evaluation, what `StackRecorder` collects.
 
     Models with attention subclass it with their masks and positional embeddings and override `token`.
     """
 
     padding_mask: torch.Tensor | None
+    output_hidden_states: bool = False
+    output_attentions: bool = False
 
     def token(self, index: int, past_len: int) -> StackInputs:
         """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
         mask = None if self.padding_mask is None else self.padding_mask[:, index : index + 1]
         return replace(self, padding_mask=mask)
+
+
+class StackRecorder:
+    """What one evaluation of the stack exposes as transformers outputs, when its `StackInputs` ask for it.
+
+    Hidden states follow transformers' Llama and Mamba2: the input of the first block (here the iterate `z` the
+    evaluation starts from, since the embeddings enter through the injection), then each block's output, the last one
+    after the final norm (so it equals the evaluation's output). Attention maps: one per block, from attention
+    implementations that return them (eager).
+    """
+
+    def __init__(self, stack_inputs: StackInputs, z: torch.Tensor):
+        self.hidden_states = [z] if stack_inputs.output_hidden_states else None
+        self.attentions = [] if stack_inputs.output_attentions else None
+
+    def block(self, hidden_states: torch.Tensor, attention: torch.Tensor | None = None) -> None:
+        if self.hidden_states is not None:
+            self.hidden_states.append(hidden_states)
+        if self.attentions is not None:
+            self.attentions.append(attention)
+
+    def finish(self, normed: torch.Tensor) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """`(hidden_states, attentions)` of the evaluation (None where not asked for); `normed` is the output."""
+        hidden_states = None
+        if self.hidden_states is not None:
+            hidden_states = (*self.hidden_states[:-1], normed)
+        return hidden_states, None if self.attentions is None else tuple(self.attentions)
+
+
+def _join_tokens(per_token: list[tuple[torch.Tensor, ...] | None], dim: int) -> tuple[torch.Tensor, ...] | None:
+    """Per-layer tensors of consecutive token solves joined along `dim` (None when nothing was recorded)."""
+    if per_token[0] is None:
+        return None
+    return tuple(torch.cat(layer, dim=dim) for layer in zip(*per_token))
+
+
+def _join_token_attentions(per_token: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:
+    """Attention maps `(batch, heads, 1, keys_t)` of consecutive token solves as `(batch, heads, tokens, keys)`:
+    each token's row padded with zeros for the keys after it, which it cannot see."""
+    if per_token[0] is None:
+        return None
+    keys = per_token[-1][0].shape[-1]
+    padded = [tuple(F.pad(layer, (0, keys - layer.shape[-1])) for layer in token) for token in per_token]
+    return _join_tokens(padded, dim=2)
 
 
 class CacheSnapshot(NamedTuple):
@@ -277,9 +324,14 @@ class ImplicitBackboneMixin:
     """Embedding -> input injection -> fixed-point solve over the layer stack, in either mode.
 
     Requires on the subclass: `config`, `get_input_embeddings()`, `injection` (an `InputInjection`, None when explicit),
-    `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), states)` (the layer stack and its
-    final norm; it never changes the cache's committed states) and `make_cache()`. Models whose layers need more than
-    the padding mask (attention masks, positions) override `_prepare_stack_inputs`.
+    `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), (states, hidden_states, attentions))`
+    (the layer stack and its final norm, recording through a `StackRecorder`; it never changes the cache's committed
+    states) and `make_cache()`. Models whose layers need more than the padding mask (attention masks, positions)
+    override `_prepare_stack_inputs`.
+
+    The recorded hidden states and attention maps travel with the states in the solver's auxiliary output, which the
+    solver keeps per sample from the same evaluation as the sample's result: what `output_hidden_states=True` returns
+    belongs to the evaluation of `f` whose output is `last_hidden_state`.
     """
 
     def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None) -> str:
@@ -297,11 +349,16 @@ class ImplicitBackboneMixin:
         position_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
         past_len: int,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> StackInputs:
         """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
-        `(batch, past_len + seq_len)` mask or `None` (no padding). Models without positions ignore `position_ids`."""
+        `(batch, past_len + seq_len)` mask or `None` (no padding). Models without positions ignore `position_ids`,
+        models without attention `output_attentions`."""
         seq_len = inputs_embeds.shape[1]
-        return StackInputs(None if attention_mask is None else attention_mask[:, -seq_len:])
+        return StackInputs(
+            None if attention_mask is None else attention_mask[:, -seq_len:], output_hidden_states=output_hidden_states
+        )
 
     def _fixed_point_function(
         self,
@@ -313,11 +370,11 @@ class ImplicitBackboneMixin:
         keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
 
         def fn(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            out, states = self._evaluate_stack(z, injection, stack_inputs, cache, return_states)
+            out, aux = self._evaluate_stack(z, injection, stack_inputs, cache, return_states)
             out = out.to(z.dtype)
             if keep is not None:
                 out = out * keep.to(out.dtype)
-            return out, states
+            return out, aux
 
         return fn
 
@@ -434,12 +491,19 @@ class ImplicitBackboneMixin:
         past_key_values: ImplicitCache | None = None,
         **kwargs: Any,
     ) -> ImplicitModelOutput | tuple:
-        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
-        if output_hidden_states or output_attentions:
-            raise ValueError(
-                "Implicit models iterate one layer stack to a fixed point; per-layer hidden states and attention maps "
-                "are not returned. Use `last_hidden_state` (the fixed point)."
-            )
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument.
+
+        `output_hidden_states=True` returns the per-layer hidden states of the evaluation of `f` whose output is
+        `last_hidden_state` (see `StackRecorder`: `hidden_states[-1]` is `last_hidden_state`, `hidden_states[0]` the
+        iterate that evaluation started from, about `z*`); `output_attentions=True` (attention models) that
+        evaluation's attention maps, computed with eager attention. In sequential mode each token's are joined along
+        the sequence (attention rows padded with zeros for the keys a token cannot see). Training with
+        `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones are the last's.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
         self.config.validate()
         self._validate_inputs(input_ids, inputs_embeds)
         passed_cache = cache_argument(cache, past_key_values)
@@ -461,19 +525,22 @@ class ImplicitBackboneMixin:
         if cache is not None:
             cache.reserve(seq_len)
         mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
-        stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
+        stack_inputs = self._prepare_stack_inputs(
+            mask, position_ids, inputs_embeds, past_len, bool(output_hidden_states), bool(output_attentions)
+        )
         injection = self.injection(inputs_embeds) if self.config.implicit else None
 
         if self._solve_mode(seq_len, passed_cache) == "simultaneous":
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
             result = self._solve(fn, inputs_embeds)
+            states, hidden_states, attentions = result.aux
             if cache is not None:
-                cache.commit(result.aux, seq_len, fixed_point=result.z[:, -1:])
+                cache.commit(states, seq_len, fixed_point=result.z[:, -1:])
             hidden, stats = result.z, result.stats
         else:
             # Token by token; a cache is needed to carry the committed states even when none is returned.
             cache = cache if cache is not None else self.make_cache()
-            outputs, token_stats = [], []
+            outputs, token_stats, token_hidden_states, token_attentions = [], [], [], []
             for t in range(seq_len):
                 token_injection = None if injection is None else injection[:, t : t + 1]
                 token_inputs = stack_inputs.token(t, past_len)
@@ -484,16 +551,25 @@ class ImplicitBackboneMixin:
                 if result is None:
                     fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
                     result = self._solve(fn, inputs_embeds[:, t : t + 1], start)
-                cache.commit(result.aux, 1, fixed_point=result.z)
+                states, token_hidden, token_attention = result.aux
+                cache.commit(states, 1, fixed_point=result.z)
                 outputs.append(result.z)
                 token_stats.append(result.stats)
+                token_hidden_states.append(token_hidden)
+                token_attentions.append(token_attention)
             hidden = torch.cat(outputs, dim=1)
             stats = SolverStats.stack(token_stats) if self.config.implicit else None
+            hidden_states = _join_tokens(token_hidden_states, dim=1)
+            attentions = _join_token_attentions(token_attentions)
 
         if not self.training:  # a training cap is part of the recipe (the bounded phase never converges)
             _warn_if_not_converged(stats)
         output = ImplicitModelOutput(
-            last_hidden_state=hidden, **cache_field(cache if use_cache else None), solver_stats=stats
+            last_hidden_state=hidden,
+            **cache_field(cache if use_cache else None),
+            hidden_states=hidden_states,
+            attentions=attentions,
+            solver_stats=stats,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -562,7 +638,11 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = ImplicitCausalLMOutput(
-            loss=loss, logits=logits, **cache_field(output_cache(outputs)),
+            loss=loss,
+            logits=logits,
+            **cache_field(output_cache(outputs)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             solver_stats=outputs.solver_stats,
         )
         return output if return_dict is not False else output.to_tuple()
