@@ -1,11 +1,13 @@
-"""Convert a reference checkpoint (microsoft/implicit_languagemodels layout) into a verified Hub repo folder.
+"""Convert a reference checkpoint (any of the three public codebases' layouts) into a verified Hub repo folder.
 
     python -m conversion.convert_reference --src SRC --dst DST [--dtype float32|bfloat16|float16]
+        [--layout auto|torchdeq|noise-fork|standalone] [--drop-noise]
         [--tokenizer DIR_OR_ID] [--max-shard-size 2GB] [--overwrite]
     python -m conversion.convert_reference --preset mamba2-1.3b-implicit --random-init --dst DST
 
 SRC holds the reference's nested `config.json` and its weights (`model.safetensors`, `pytorch_model.bin`, or sharded
-with an index). Every source key is mapped (torchdeq weight normalisation folded into plain weights); unknown or
+with an index). The layout (see `conversion.reference`) is detected from the keys and the config unless `--layout`
+names it. Every source key is mapped (weight normalisation folded into plain weights); unknown or
 missing keys and shape mismatches stop the conversion with the full list. DST is written next to its final place and
 renamed in only after the reloaded folder reproduced the source logits.
 """
@@ -28,7 +30,15 @@ from modeling_implicit import ImplicitPretrainedConfig
 from .checkpoint_io import CheckpointReader
 from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
 from .presets import PRESETS, preset_reference_config
-from .reference import ConversionError, config_from_reference, model_class, plan_conversion
+from .reference import (
+    LAYOUTS,
+    ConversionError,
+    config_from_reference,
+    detect_layout,
+    embedding_key,
+    model_class,
+    plan_conversion,
+)
 
 logger = logging.getLogger("conversion")
 
@@ -36,7 +46,8 @@ logger = logging.getLogger("conversion")
 def detect_preset(config: ImplicitPretrainedConfig) -> str | None:
     """The preset whose converted config equals `config` (ignoring token ids), if any."""
     def comparable(c: ImplicitPretrainedConfig) -> dict[str, Any]:
-        return {k: v for k, v in c.to_dict().items() if not k.endswith("token_id") and k != "transformers_version"}
+        ignored = ("transformers_version", "converted_from")  # provenance: a preset is the same model in any layout
+        return {k: v for k, v in c.to_dict().items() if not k.endswith("token_id") and k not in ignored}
 
     target = comparable(config)
     for name, reference in PRESETS.items():
@@ -59,8 +70,8 @@ def _generation_config(source: Path | None, config: ImplicitPretrainedConfig) ->
 
 
 @torch.no_grad()
-def _check_tied_head(reader: CheckpointReader, reference: dict[str, Any]) -> None:
-    head, embedding = "criterion.decoder.weight", "word_emb.emb.weight"
+def _check_tied_head(reader: CheckpointReader, reference: dict[str, Any], layout: str) -> None:
+    head, embedding = "criterion.decoder.weight", embedding_key(layout)
     shapes = reader.shapes
     if reference.get("tie_embeddings", True) and head in shapes and embedding in shapes:
         if shapes[head] != shapes[embedding] or not torch.equal(reader.read(head), reader.read(embedding)):
@@ -79,19 +90,20 @@ def convert(args: argparse.Namespace) -> float:
         if not config_file.is_file():
             raise ConversionError(f"{config_file} not found (or pass --preset to name the configuration).")
         reference = json.loads(config_file.read_text())
-    config = config_from_reference(reference)
+    reader = None if args.random_init else CheckpointReader(source)
+    layout = args.layout if args.layout != "auto" else detect_layout(reference, reader.shapes if reader else ())
+    config = config_from_reference(reference, layout, drop_noise=args.drop_noise)
     preset = args.preset or detect_preset(config)
     tokenizer = load_tokenizer(args.tokenizer)
     generation = _generation_config(source, config)
 
-    if args.random_init:
+    if reader is None:
         torch.manual_seed(args.seed)
         model = model_class(config)._from_config(config, dtype=dtype)
     else:
-        reader = CheckpointReader(source)
         model = empty_model(config, dtype)
-        plan = plan_conversion(reference, reader.shapes, expected_shapes(model))
-        _check_tied_head(reader, reference)
+        plan = plan_conversion(reference, reader.shapes, expected_shapes(model), layout)
+        _check_tied_head(reader, reference, layout)
         fill_model(model, sorted(plan.sources), lambda name: plan.materialize(name, reader.read))
     model.eval()
 
@@ -100,6 +112,7 @@ def convert(args: argparse.Namespace) -> float:
         repo_id=args.repo_id or Path(args.dst).name,
         preset=preset,
         tokenizer=reference.get("tokenizer"),
+        source_layout=layout,
     )
     validate_model_card(card)
     parameters = sum(p.numel() for p in model.parameters())
@@ -126,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--src", help="reference checkpoint folder")
     parser.add_argument("--dst", required=True, help="output Hub repo folder")
     parser.add_argument("--preset", help=f"reference configuration by name: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS],
+                        help="the codebase that wrote SRC (default: detected from its weight keys and config): "
+                        + "; ".join(f"{name} = {codebase}" for name, codebase in LAYOUTS.items()))
+    parser.add_argument("--drop-noise", action="store_true",
+                        help="convert a noise-fork checkpoint whose noise study is active without the noise")
     parser.add_argument("--random-init", action="store_true", help="random weights for --preset (no --src)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

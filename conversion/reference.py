@@ -1,10 +1,22 @@
-"""The reference checkpoint layout (GitHub microsoft/implicit_languagemodels) and its mapping onto our models.
+"""The reference checkpoint layouts (three public codebases) and their mapping onto our models.
 
 A reference folder holds a nested `config.json` (`backbone_type`, `backbone_config` with `block_cfg`, `deq_params`
-with `solver`/`training`/`norm`, ...) and a state dict whose implicit models are weight-normalised by torchdeq: every
-Linear/Conv1d weight inside the backbone (the injection included) is stored as `weight_g` (norm over all dimensions
-but the first) and `weight_v`, and the effective weight is `v * g / ||v||` (`norm_no_scale`: `target_norm / ||v||`;
-`norm_clip`: the factor clipped at `clip_value`). Conversion folds that into plain weights.
+with `solver`/`training`/..., ...) and a state dict whose implicit models are weight-normalised. The layouts differ:
+
+- `torchdeq` (GitHub microsoft/implicit_languagemodels): torchdeq weight norm on every Linear/Conv1d weight inside
+  the backbone (the injection included), stored as `weight_g` (norm over all dimensions but the first) and
+  `weight_v`; the embedding is `word_emb.emb.weight`; `deq_params.training.tau` damps the inference iterations and
+  the phantom steps; the inference cap is `f_max_iter * eval_factor` (default 4).
+- `noise-fork` (markschoene/implicit_languagemodels): the torchdeq layout plus the noise study's
+  `block_cfg.{state_noise_db, latent_noise_db, noise_mode}`.
+- `standalone` (markschoene/implicit-languagemodels-standalone): torch's own weight-norm parametrization on every
+  `nn.Linear` of the backbone (`<m>.parametrizations.weight.original0` = g `(out, 1)`, `.original1` = v); `conv1d`
+  is not normalised; the embedding is `word_emb.weight` and the tied head may be absent; `training.beta` (falling back
+  to `tau`, then 0.8) damps the solver and `tau` only the phantom steps; the inference cap is `eval_f_max_iter`, or
+  `f_max_iter * eval_factor` with `eval_factor` defaulting to 1.
+
+The effective weight is `v * g / ||v||` (torchdeq's `norm_no_scale`: `target_norm / ||v||`; `norm_clip`: the factor
+clipped at `clip_value`). Conversion folds that into plain weights.
 """
 
 from __future__ import annotations
@@ -59,6 +71,57 @@ class ConversionError(ValueError):
     """The source cannot be converted faithfully; the message lists every offending field, key or shape."""
 
 
+LAYOUTS = {
+    "torchdeq": "microsoft/implicit_languagemodels",
+    "noise-fork": "markschoene/implicit_languagemodels",
+    "standalone": "markschoene/implicit-languagemodels-standalone",
+}
+NOISE_FIELDS = ("state_noise_db", "latent_noise_db", "noise_mode")
+# How each layout stores a weight-normalised weight `<m>.weight`: key suffix -> part (g: magnitude, v: direction).
+_WEIGHT_NORM_SUFFIXES = {
+    "torchdeq": {".weight_g": "g", ".weight_v": "v"},
+    "standalone": {".parametrizations.weight.original0": "g", ".parametrizations.weight.original1": "v"},
+}
+_EMBEDDING_KEYS = {"torchdeq": "word_emb.emb.weight", "standalone": "word_emb.weight"}
+
+
+def _key_style(layout: str) -> str:
+    return "standalone" if layout == "standalone" else "torchdeq"
+
+
+def embedding_key(layout: str) -> str:
+    return _EMBEDDING_KEYS[_key_style(layout)]
+
+
+def detect_layout(reference: dict[str, Any], source_keys: Iterable[str] = ()) -> str:
+    """The codebase that wrote a checkpoint, from its weight keys and its config (keys alone when there are none:
+    `--random-init`). Raises `ConversionError` when the keys and the config point at different codebases."""
+    _require_reference_layout(reference)
+    keys = list(source_keys)
+    standalone_keys = [k for k in keys if k == _EMBEDDING_KEYS["standalone"] or ".parametrizations.weight." in k]
+    torchdeq_keys = [k for k in keys if k == _EMBEDDING_KEYS["torchdeq"] or k.endswith((".weight_g", ".weight_v"))]
+    block = (reference.get("backbone_config") or {}).get("block_cfg") or {}
+    noise = sorted(field for field in NOISE_FIELDS if field in block)
+    beta = "beta" in ((reference.get("deq_params") or {}).get("training") or {})
+    if standalone_keys and torchdeq_keys:
+        raise ConversionError(
+            f"the weights mix two layouts: {standalone_keys[0]} (standalone) and {torchdeq_keys[0]} (torchdeq)"
+        )
+    if standalone_keys or (not torchdeq_keys and beta and not noise):
+        if noise:
+            raise ConversionError(
+                f"standalone-layout weights but block_cfg.{noise[0]}: the noise fields belong to the noise fork, "
+                "whose weights use the torchdeq layout; pass --layout to say which codebase wrote this checkpoint"
+            )
+        return "standalone"
+    if beta:
+        raise ConversionError(
+            "deq_params.training.beta (the standalone codebase's solver damping) with torchdeq-layout weights: "
+            "pass --layout to say which codebase wrote this checkpoint"
+        )
+    return "noise-fork" if noise else "torchdeq"
+
+
 def _require_reference_layout(reference: dict[str, Any]) -> None:
     missing = [key for key in ("backbone_type", "backbone_config") if key not in reference]
     if missing:
@@ -80,7 +143,7 @@ def family_of(reference: dict[str, Any]) -> str:
 
 def uses_weight_norm(reference: dict[str, Any]) -> bool:
     """Whether the checkpoint stores torchdeq weight-normalised weights (implicit backbones with weight_norm)."""
-    if reference["backbone_type"] == "explicit":
+    if "explicit" in str(reference["backbone_type"]):
         return False
     norm = (reference.get("deq_params") or {}).get("norm", {})
     norm_type = norm.get("norm_type", "weight_norm")
@@ -89,10 +152,12 @@ def uses_weight_norm(reference: dict[str, Any]) -> bool:
     return norm_type == "weight_norm" and reference["backbone_config"].get("do_weight_norm", True)
 
 
-def _solver_fields(reference: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+def _solver_fields(reference: dict[str, Any], layout: str, problems: list[str]) -> dict[str, Any]:
     """Our solver fields for the reference's `deq_params`; unsupported settings are appended to `problems`."""
     deq = reference.get("deq_params") or {}
     solver, training = deq.get("solver", {}), deq.get("training", {})
+    if layout == "standalone":
+        return _standalone_solver_fields(deq, problems)
     forward_solver = solver.get("f_solver", "fixed_point_iter")
     solvers = {"fixed_point_iter": "picard", "anderson": "anderson"}
     if forward_solver not in solvers:
@@ -117,6 +182,47 @@ def _solver_fields(reference: dict[str, Any], problems: list[str]) -> dict[str, 
     }
 
 
+def _standalone_solver_fields(deq: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    solver, training = deq.get("solver") or {}, deq.get("training") or {}
+    for section, values, field in (("solver", solver, "f_max_iter"), ("solver", solver, "f_tol"),
+                                   ("training", training, "grad")):
+        if field not in values:
+            problems.append(f"deq_params.{section}.{field} is missing (the standalone code requires it)")
+    if (deq.get("regularization") or {}).get("jac_loss_weight", 0.0) > 0:
+        problems.append("deq_params.regularization.jac_loss_weight > 0 (Jacobian regularisation is not supported)")
+    max_iterations = int(solver.get("f_max_iter", 1))
+    eval_cap = int(solver.get("eval_f_max_iter", 0))
+    if eval_cap <= 0:
+        eval_cap = int(max_iterations * float(solver.get("eval_factor", 1.0)))
+    tau = float(training.get("tau", 0.8))
+    return {
+        "max_iterations": max_iterations,
+        "eval_max_iterations": max(eval_cap, 1),
+        "tolerance": float(solver.get("f_tol", 0.05)),
+        "stop_mode": "rel",
+        "solver": "picard",
+        # `beta` damps every solve (training and inference); `tau` only the phantom steps.
+        "damping": float(training.get("beta", tau)),
+        "phantom_steps": int(training.get("grad", 1)),
+        "phantom_damping": tau,
+        "backward": "phantom",
+    }
+
+
+def _noise_problems(block: dict[str, Any], drop_noise: bool) -> list[str]:
+    """The noise study's fields: off (0 dB or less, the fork's own meaning of 0) converts; an active setting changes
+    the model's sequential outputs and is refused unless dropped (this package does not implement the noise)."""
+    active = {field: block[field] for field in ("state_noise_db", "latent_noise_db") if float(block.get(field, 0)) > 0}
+    mode = block.get("noise_mode", "multiplicative")
+    if mode not in ("additive", "multiplicative"):
+        return [f"block_cfg.noise_mode={mode!r} (the fork knows 'additive' and 'multiplicative')"]
+    if not active or drop_noise:
+        return []
+    settings = ", ".join(f"{field}={value}" for field, value in active.items())
+    return [f"block_cfg.{settings} ({mode} noise on the single-token path) is active: this package does not add the "
+            "fork's noise; pass --drop-noise to convert the noise-free model"]
+
+
 def _check_keys(section: str, given: dict[str, Any], known: Iterable[str], fixed: dict[str, Any]) -> list[str]:
     problems = []
     for key, value in given.items():
@@ -127,11 +233,19 @@ def _check_keys(section: str, given: dict[str, Any], known: Iterable[str], fixed
     return problems
 
 
-def config_from_reference(reference: dict[str, Any]) -> ImplicitPretrainedConfig:
-    """Our config for a reference `config.json` dict. Raises `ConversionError` listing every unsupported field."""
+def config_from_reference(
+    reference: dict[str, Any], layout: str | None = None, drop_noise: bool = False
+) -> ImplicitPretrainedConfig:
+    """Our config for a reference `config.json` dict written by the codebase `layout` (see `LAYOUTS`; None: detected
+    from the config alone). Raises `ConversionError` listing every unsupported field. The config records the layout
+    and the reference's solver settings in `converted_from`."""
     family = family_of(reference)
+    layout = layout or detect_layout(reference)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     backbone = reference["backbone_config"]
     block = dict(backbone.get("block_cfg") or {})
+    noise = {field: block.pop(field) for field in NOISE_FIELDS if field in block}
     problems = _check_keys(
         "backbone_config",
         {k: v for k, v in backbone.items() if k != "block_cfg"},
@@ -155,10 +269,21 @@ def config_from_reference(reference: dict[str, Any]) -> ImplicitPretrainedConfig
         "layer_norm_epsilon": backbone.get("norm_epsilon", 1e-5),
         "residual_in_fp32": backbone.get("residual_in_fp32", True),
         "tie_word_embeddings": bool(reference.get("tie_embeddings", True)),
-        "implicit": reference["backbone_type"] != "explicit",
+        "implicit": "explicit" not in str(reference["backbone_type"]),
     }
     if common["implicit"]:
-        common.update(_solver_fields(reference, problems))
+        common.update(_solver_fields(reference, layout, problems))
+    if noise and layout != "noise-fork":
+        problems.append(f"block_cfg.{next(iter(noise))}: the noise study's fields only exist in the noise fork's "
+                        f"configs, not in {layout}'s")
+    elif noise:
+        problems += _noise_problems(noise, drop_noise)
+    common["converted_from"] = {
+        "layout": layout,
+        "codebase": LAYOUTS[layout],
+        "deq_params": reference.get("deq_params") or {},
+        **({"noise": noise, "noise_dropped": drop_noise} if noise else {}),
+    }
     if family == "mamba2":
         problems += _check_keys("block_cfg", block, _MAMBA2_BLOCK_FIELDS, _MAMBA2_FIXED)
         if backbone.get("d_inner", 0):
@@ -168,7 +293,8 @@ def config_from_reference(reference: dict[str, Any]) -> ImplicitPretrainedConfig
             raise ConversionError("Cannot convert this reference config: " + "; ".join(problems))
         return ImplicitMamba2Config(**common, **fields)
     problems += _check_keys("block_cfg", block, {"n_head", "rope_theta", "max_seq_len", "bias"}, _LLAMA_FIXED)
-    if backbone.get("mlp_type", "llama_mlp") != "llama_mlp":
+    # The standalone code builds a gated MLP (`fc1`, `fc2`) when `mlp_type` is missing; the torchdeq code a Llama one.
+    if backbone.get("mlp_type", "gated_mlp" if layout == "standalone" else "llama_mlp") != "llama_mlp":
         problems.append(f"backbone_config.mlp_type={backbone.get('mlp_type')!r} (only 'llama_mlp')")
     if problems:
         raise ConversionError("Cannot convert this reference config: " + "; ".join(problems))
@@ -196,7 +322,7 @@ _COMMON_RULES = [
 ]
 _RULES = {
     "mamba2": [
-        (r"word_emb\.emb\.weight", "backbone.embeddings.weight"),
+        (r"{embedding}", "backbone.embeddings.weight"),
         (r"backbone\.norm_f\.weight", "backbone.norm_f.weight"),
         (r"backbone\.layers\.(\d+)\.norm\.weight", "backbone.layers.{0}.norm.weight"),
         (r"backbone\.layers\.(\d+)\.mixer\.(in_proj|conv1d|out_proj)\.(weight|bias)",
@@ -204,7 +330,7 @@ _RULES = {
         (r"backbone\.layers\.(\d+)\.mixer\.(dt_bias|A_log|D|norm\.weight)", "backbone.layers.{0}.mixer.{1}"),
     ],
     "llama": [
-        (r"word_emb\.emb\.weight", "model.embed_tokens.weight"),
+        (r"{embedding}", "model.embed_tokens.weight"),
         (r"backbone\.norm_f\.weight", "model.norm.weight"),
         (r"backbone\.layers\.(\d+)\.norm\.weight", "model.layers.{0}.input_layernorm.weight"),
         (r"backbone\.layers\.(\d+)\.norm2\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
@@ -223,9 +349,18 @@ _HEAD = "criterion.decoder.weight"
 _DERIVED = re.compile(r".*rotary_emb\.(inv_freq|original_inv_freq)")
 
 
-def _compile_rules(family: str) -> list[tuple[re.Pattern, str]]:
+def _compile_rules(family: str, layout: str) -> list[tuple[re.Pattern, str]]:
     rules = [(p, t.replace("{prefix}", _PREFIX[family])) for p, t in _COMMON_RULES] + _RULES[family]
-    return [(re.compile(pattern + r"$"), template) for pattern, template in rules]
+    embedding = re.escape(embedding_key(layout))
+    return [(re.compile(pattern.replace("{embedding}", embedding) + r"$"), template) for pattern, template in rules]
+
+
+def _weight_norm_part(key: str, layout: str) -> tuple[str, str | None]:
+    """`(logical name, "g" | "v" | None)` of a source key: the weight a weight-norm part belongs to, or the key."""
+    for suffix, part in _WEIGHT_NORM_SUFFIXES[_key_style(layout)].items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + ".weight", part
+    return key, None
 
 
 def _target_name(rules: list[tuple[re.Pattern, str]], logical: str) -> str | None:
@@ -303,11 +438,12 @@ def plan_conversion(
     reference: dict[str, Any],
     source_shapes: dict[str, tuple[int, ...]],
     expected_shapes: dict[str, tuple[int, ...]],
+    layout: str = "torchdeq",
 ) -> ConversionPlan:
-    """Map every source key onto our state dict. Raises `ConversionError` listing every unknown source key, every
-    target key no source provides and every shape mismatch (with both shapes)."""
+    """Map every source key (in `layout`'s naming) onto our state dict. Raises `ConversionError` listing every unknown
+    source key, every target key no source provides and every shape mismatch (with both shapes)."""
     family = family_of(reference)
-    rules = _compile_rules(family)
+    rules = _compile_rules(family, layout)
     tied = bool(reference.get("tie_embeddings", True))
     sources: dict[str, SourceTensor] = {}
     origin: dict[str, str] = {}
@@ -320,9 +456,7 @@ def plan_conversion(
             sources[target] = SourceTensor(key=key)
             origin[target] = key
             continue
-        logical, part = key, None
-        if key.endswith((".weight_g", ".weight_v")):
-            logical, part = key[: -len("_g")], key[-1]
+        logical, part = _weight_norm_part(key, layout)
         target = _target_name(rules, logical)
         if target is None:
             unknown.append(f"{key} {tuple(source_shapes[key])}")
@@ -339,9 +473,9 @@ def plan_conversion(
         problems.append("unknown source keys: " + ", ".join(unknown))
     for target, source in sources.items():
         if source.key is not None and (source.direction or source.magnitude):
-            problems.append(f"{origin[target]}: both a plain weight and weight_g/weight_v")
+            problems.append(f"{origin[target]}: both a plain weight and weight-norm parts")
         elif source.key is None and source.direction is None:
-            problems.append(f"{origin[target]}: weight_g without weight_v")
+            problems.append(f"{origin[target]}: a weight-norm magnitude without its direction")
         shape = tuple(source_shapes[source.key or source.direction])
         if target not in expected_shapes:
             problems.append(f"{origin[target]} -> {target}: not a parameter of the {family} model")
@@ -352,7 +486,7 @@ def plan_conversion(
     weight_norm = WeightNormSettings.from_reference(reference)
     for target, source in sources.items():
         if source.direction is not None and source.magnitude is None and weight_norm.learn_scale:
-            problems.append(f"{origin[target]}: weight_v without weight_g")
+            problems.append(f"{origin[target]}: a weight-norm direction without its magnitude")
     missing = sorted(set(expected_shapes) - set(sources))
     if missing:
         problems.append("missing from the source: " + ", ".join(f"{k} {tuple(expected_shapes[k])}" for k in missing))
@@ -436,7 +570,7 @@ def write_reference_checkpoint(
     to `folder`, for tests and benchmarks. Returns our model holding the same (effective) weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = config_from_reference(reference)
+    config = config_from_reference(reference, drop_noise=True)  # the weights do not depend on the noise settings
     torch.manual_seed(seed)
     model = model_class(config)(config).eval()
     state = reference_state_dict(model, reference, seed=seed)

@@ -125,6 +125,7 @@ def render_model_card(
     license: str = "mit",
     datasets: list[str] | None = None,
     tokenizer: str | None = None,
+    source_layout: str | None = None,
 ) -> str:
     """Render the README.md of a Hub repo holding an implicit Mamba2 or implicit Llama checkpoint.
 
@@ -137,6 +138,8 @@ def render_model_card(
         license: the license identifier for the metadata.
         datasets: training datasets for the metadata; defaults to the deduplicated Pile.
         tokenizer: the tokenizer repo; defaults to `EleutherAI/gpt-neox-20b`.
+        source_layout: for a converted checkpoint, the layout of the codebase it came from
+            (`config.converted_from`); the card says which codebase and which of its settings it records.
 
     Raises:
         ValueError: unknown model type or preset, a preset whose family or variant (explicit or implicit) does not
@@ -166,7 +169,7 @@ def render_model_card(
         config_table=_config_table(family, config),
         solver_section=_solver_section(config),
         usage=_usage(config, repo_id, tokenizer),
-        training=_training(family, preset, base_model),
+        training=_training(family, preset, base_model) + _provenance(config, source_layout),
         paper_results=_paper_results(family, preset),
     )
     # Sections a card leaves out (the solver of an explicit model, results without a preset) leave blank runs.
@@ -347,6 +350,20 @@ def _paper_recipe(family: _Family) -> str:
         f"{cap} self-iterations, stopped once the relative residual is below 0.05, then 4 phantom-gradient steps: "
         f"the **({cap}+4)** model. At test time the iteration cap is four times the training cap ({4 * cap})."
     )
+
+
+def _provenance(config: ImplicitPretrainedConfig, source_layout: str | None) -> str:
+    source = getattr(config, "converted_from", None) or {}
+    layout = source_layout or source.get("layout")
+    if layout is None:
+        return ""
+    codebase = source.get("codebase", layout)
+    text = (f"\n\nConverted from a checkpoint of `{codebase}` (source layout `{layout}`); `config.converted_from` "
+            "keeps that codebase's own solver settings (`deq_params`).")
+    if source.get("noise"):
+        state = "dropped at conversion" if source.get("noise_dropped") else "kept"
+        text += f" Its noise-study settings {source['noise']} were {state}."
+    return text
 
 
 def _training(family: _Family, preset: str | None, base_model: str | None) -> str:

@@ -80,6 +80,12 @@ class ImplicitPretrainedConfig(PretrainedConfig):
             and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
             when training, or with `solver="anderson"`. Outputs are those of the eager path.
 
+    Provenance:
+        converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
+            reference codebase's layout (`"torchdeq"`, `"noise-fork"` or `"standalone"`), the codebase and the
+            reference's own `deq_params` (and its noise settings, if any), kept for the record; the model does not
+            read it.
+
     Convergence is judged per sample: a sample whose residual is below `tolerance` is frozen while the others go
     on, so its result never depends on its batch mates or on padding.
     """
@@ -112,6 +118,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     warm_start: bool = False
     convergence_check_interval: int = 1
     cuda_graph_decoding: bool = False
+    converted_from: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

@@ -594,6 +594,15 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # generate() builds no cache for us (see compat); give its first forward an empty one, so that the prompt is
+        # solved as a prefill (`prefill_mode`), not as a plain forward (`inference_mode`). It is built here, after
+        # the inputs were expanded for beams and `num_return_sequences`, and generate() carries it on from the outputs.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if model_inputs.get(CACHE_NAME) is None and model_inputs.get("use_cache", True) is not False:
+            model_inputs[CACHE_NAME] = self.base_model.make_cache()
+        return model_inputs
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         # transformers maps only the saved class (and the config) in `auto_map`; map `AutoModel` to the backbone too,
         # so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` works on every saved causal LM.

@@ -101,6 +101,25 @@ def test_state_tracking_models_load_as_remote_code_and_generate(name):
     assert answer.strip() in names
     if model.config.implicit:  # length 12 is well inside what it learned: the product must be right
         assert answer.strip() == names[labels[0, -1].item()]
+    # The default full text reads as the prompt followed by the answer, one space between words.
+    full = generator(prompt, max_new_tokens=1, do_sample=False)[0]["generated_text"]
+    assert full == f"{prompt} {answer.strip()}"
+
+
+def test_the_pipeline_reads_a_long_prompt_as_the_rnn():
+    """generate() solves the prompt per `prefill_mode` (sequential for the bundled implicit models): products of 200
+    permutations come out right, far past the simultaneous mode's iteration cap."""
+    from transformers import pipeline
+
+    from eval.state_tracking import element_names, word_problem
+
+    generator = pipeline("text-generation", model=str(MODELS / STATE_TRACKING[0]), trust_remote_code=True)
+    tokens, labels = word_problem("A5", 5, 200, FRESH_SEED)
+    names = element_names("A5")
+    prompts = [" ".join(names[token] for token in row.tolist()) for row in tokens]
+    answers = generator(prompts, max_new_tokens=1, do_sample=False, return_full_text=False)
+    right = sum(out[0]["generated_text"].strip() == names[label] for out, label in zip(answers, labels[:, -1].tolist()))
+    assert right >= 4, right
 
 
 def test_implicit_state_tracking_model_reaches_its_recorded_accuracy():

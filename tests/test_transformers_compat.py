@@ -117,3 +117,20 @@ def test_transformers_own_config_validation_runs():
     assert log.out == expected
     if CACHE_NAME == "cache":  # the newest releases: the warning exists
         assert "pad_token_id must be `None` or an integer within the vocabulary" in expected
+
+
+def test_generate_solves_the_prompt_as_a_prefill(make_model):
+    """generate() builds no cache, so its first forward gets an empty one: the prompt follows `prefill_mode`, not
+    `inference_mode` (set apart here by a cap too low for the simultaneous solve to converge)."""
+    model = make_model(prefill_mode="sequential", inference_mode="simultaneous", eval_max_iterations=3,
+                       solver="picard")
+    tokens = ids(length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mi.ConvergenceWarning)
+        out = model.generate(tokens, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        with torch.no_grad():
+            prefill = model(tokens, cache=model.base_model.make_cache(), use_cache=True).logits[:, -1]
+            plain = model(tokens).logits[:, -1]
+    torch.testing.assert_close(out.logits[0], prefill, atol=1e-6, rtol=1e-5)  # logits_to_keep: other blocking
+    assert (out.logits[0] - plain).abs().max() > 1e-3
