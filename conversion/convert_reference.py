@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the codebase that wrote SRC (default: detected from its weight keys and config): "
                         + "; ".join(f"{name} = {codebase}" for name, codebase in LAYOUTS.items()))
     parser.add_argument("--drop-noise", action="store_true",
-                        help="convert a noise-fork checkpoint whose noise study is active without the noise")
+                        help="convert a noise-fork checkpoint without its noise study (default: keep its settings)")
     parser.add_argument("--random-init", action="store_true", help="random weights for --preset (no --src)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

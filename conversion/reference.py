@@ -76,6 +76,9 @@ LAYOUTS = {
     "noise-fork": "markschoene/implicit_languagemodels",
     "standalone": "markschoene/implicit-languagemodels-standalone",
 }
+# The `stop_rule` that reproduces each codebase's own inference loop (opt-in: the default stays per sample).
+REFERENCE_STOP_RULES = {"torchdeq": "torchdeq_reference", "noise-fork": "torchdeq_reference",
+                        "standalone": "standalone_reference"}
 NOISE_FIELDS = ("state_noise_db", "latent_noise_db", "noise_mode")
 # How each layout stores a weight-normalised weight `<m>.weight`: key suffix -> part (g: magnitude, v: direction).
 _WEIGHT_NORM_SUFFIXES = {
@@ -209,18 +212,21 @@ def _standalone_solver_fields(deq: dict[str, Any], problems: list[str]) -> dict[
     }
 
 
-def _noise_problems(block: dict[str, Any], drop_noise: bool) -> list[str]:
-    """The noise study's fields: off (0 dB or less, the fork's own meaning of 0) converts; an active setting changes
-    the model's sequential outputs and is refused unless dropped (this package does not implement the noise)."""
-    active = {field: block[field] for field in ("state_noise_db", "latent_noise_db") if float(block.get(field, 0)) > 0}
-    mode = block.get("noise_mode", "multiplicative")
-    if mode not in ("additive", "multiplicative"):
-        return [f"block_cfg.noise_mode={mode!r} (the fork knows 'additive' and 'multiplicative')"]
-    if not active or drop_noise:
-        return []
-    settings = ", ".join(f"{field}={value}" for field, value in active.items())
-    return [f"block_cfg.{settings} ({mode} noise on the single-token path) is active: this package does not add the "
-            "fork's noise; pass --drop-noise to convert the noise-free model"]
+# The fork's defaults for a noise field its config leaves out (`Mamba2.__init__`): 20 dB multiplicative.
+_FORK_NOISE_DEFAULTS = {"state_noise_db": 20.0, "latent_noise_db": 20.0, "noise_mode": "multiplicative"}
+
+
+def _noise_fields(noise: dict[str, Any], drop_noise: bool, problems: list[str]) -> dict[str, Any]:
+    """Our Mamba2 noise fields for the fork's `block_cfg` noise settings (the fork's defaults filling the ones left
+    out); all zero with `drop_noise`. 0 dB or less is the fork's "off", as ours."""
+    settings = {**_FORK_NOISE_DEFAULTS, **noise}
+    if settings["noise_mode"] not in ("additive", "multiplicative"):
+        problems.append(f"block_cfg.noise_mode={settings['noise_mode']!r} (the fork knows 'additive' and "
+                        "'multiplicative')")
+        return {}
+    if drop_noise:
+        return {"state_noise_db": 0.0, "latent_noise_db": 0.0}
+    return {name: (float(value) if name != "noise_mode" else value) for name, value in settings.items()}
 
 
 def _check_keys(section: str, given: dict[str, Any], known: Iterable[str], fixed: dict[str, Any]) -> list[str]:
@@ -273,14 +279,18 @@ def config_from_reference(
     }
     if common["implicit"]:
         common.update(_solver_fields(reference, layout, problems))
+    noise_fields = {}
     if noise and layout != "noise-fork":
         problems.append(f"block_cfg.{next(iter(noise))}: the noise study's fields only exist in the noise fork's "
                         f"configs, not in {layout}'s")
+    elif noise and family != "mamba2":
+        problems.append(f"block_cfg.{next(iter(noise))}: the noise study exists for Mamba2 blocks only")
     elif noise:
-        problems += _noise_problems(noise, drop_noise)
+        noise_fields = _noise_fields(noise, drop_noise, problems)
     common["converted_from"] = {
         "layout": layout,
         "codebase": LAYOUTS[layout],
+        "reference_stop_rule": REFERENCE_STOP_RULES[layout],
         "deq_params": reference.get("deq_params") or {},
         **({"noise": noise, "noise_dropped": drop_noise} if noise else {}),
     }
@@ -291,7 +301,7 @@ def config_from_reference(
         fields = {ours: block[theirs] for theirs, ours in _MAMBA2_BLOCK_FIELDS.items() if theirs in block}
         if problems:
             raise ConversionError("Cannot convert this reference config: " + "; ".join(problems))
-        return ImplicitMamba2Config(**common, **fields)
+        return ImplicitMamba2Config(**common, **fields, **noise_fields)
     problems += _check_keys("block_cfg", block, {"n_head", "rope_theta", "max_seq_len", "bias"}, _LLAMA_FIXED)
     # The standalone code builds a gated MLP (`fc1`, `fc2`) when `mlp_type` is missing; the torchdeq code a Llama one.
     if backbone.get("mlp_type", "gated_mlp" if layout == "standalone" else "llama_mlp") != "llama_mlp":

@@ -43,6 +43,7 @@ SOLVER_FLAGS = {
     "solver": str,
     "damping": float,
     "stop_mode": str,
+    "stop_rule": str,
     "warm_start": _boolean,
     "convergence_check_interval": int,
     "cuda_graph_decoding": _boolean,

@@ -360,6 +360,10 @@ def _provenance(config: ImplicitPretrainedConfig, source_layout: str | None) -> 
     codebase = source.get("codebase", layout)
     text = (f"\n\nConverted from a checkpoint of `{codebase}` (source layout `{layout}`); `config.converted_from` "
             "keeps that codebase's own solver settings (`deq_params`).")
+    if source.get("reference_stop_rule") and config.implicit:
+        text += (f" To reproduce that codebase's own outputs and iteration counts, load it with "
+                 f"`stop_rule=\"{source['reference_stop_rule']}\"` (its loop couples the rows of a batch; the default "
+                 "per-sample rule does not).")
     if source.get("noise"):
         state = "dropped at conversion" if source.get("noise_dropped") else "kept"
         text += f" Its noise-study settings {source['noise']} were {state}."

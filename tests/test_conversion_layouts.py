@@ -130,6 +130,7 @@ def test_standalone_checkpoints_convert_and_match(tmp_path, family_variant):
     assert "markschoene/implicit-languagemodels-standalone" in (tmp_path / "dst" / "README.md").read_text()
     if family_variant.endswith("implicit"):
         assert config.converted_from["deq_params"] == reference["deq_params"]
+        assert 'stop_rule="standalone_reference"' in (tmp_path / "dst" / "README.md").read_text()
         # beta damps the solver, tau only the phantom steps; eval_factor defaults to 1 in this codebase.
         assert (config.damping, config.phantom_damping, config.phantom_steps) == (0.7, 0.9, 2)
         assert (config.max_iterations, config.eval_max_iterations, config.tolerance) == (6, 6, 0.05)
@@ -183,20 +184,37 @@ def test_noise_fork_with_noise_off_converts(tmp_path):
                                                         "latent_noise_db": 0.0}
 
 
-def test_active_noise_is_refused_unless_dropped(tmp_path):
+def test_active_noise_converts_with_its_settings_and_can_be_dropped(tmp_path):
+    """The fork's released setting (40 dB additive) converts as it is: the converted model adds that noise on its
+    sequential steps, repeatably with a seeded generator; --drop-noise converts the noise-free model."""
     reference = noise_fork_reference(noise_mode="additive", state_noise_db=40.0, latent_noise_db=40.0)
     write_reference_checkpoint(reference, tmp_path / "src", seed=2)
-    with pytest.raises(ConversionError) as error:
-        run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"))
-    assert "state_noise_db=40.0, latent_noise_db=40.0 (additive noise" in str(error.value)
-    assert "--drop-noise" in str(error.value)
-    assert not (tmp_path / "dst").exists()
-    run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--drop-noise")
-    config = json.loads((tmp_path / "dst" / "config.json").read_text())
-    assert config["converted_from"]["noise_dropped"] is True
-    assert "were dropped at conversion" in (tmp_path / "dst" / "README.md").read_text()
+    run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "noisy"))
+    noisy = AutoModelForCausalLM.from_pretrained(tmp_path / "noisy", inference_mode="sequential").eval()
+    assert (noisy.config.state_noise_db, noisy.config.latent_noise_db, noisy.config.noise_mode) == (40.0, 40.0,
+                                                                                                    "additive")
+    run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "clean"), "--drop-noise")
+    clean = AutoModelForCausalLM.from_pretrained(tmp_path / "clean", inference_mode="sequential").eval()
+    assert not clean.config.noise_active and clean.config.converted_from["noise_dropped"] is True
+    assert "were dropped at conversion" in (tmp_path / "clean" / "README.md").read_text()
+    tokens = torch.randint(3, 61, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        runs = [noisy(tokens, noise_generator=torch.Generator().manual_seed(seed)).logits for seed in (5, 5, 6)]
+        reference_logits = clean(tokens).logits
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    torch.testing.assert_close(runs[0][:, 0], reference_logits[:, 0])  # the first token takes no step: no noise
+    assert 0 < (runs[0] - reference_logits).abs().max() < 0.5  # 40 dB: a small perturbation
+
+
+def test_the_forks_defaults_fill_left_out_noise_fields():
+    config = config_from_reference(noise_fork_reference(state_noise_db=30.0))
+    assert (config.state_noise_db, config.latent_noise_db, config.noise_mode) == (30.0, 20.0, "multiplicative")
     with pytest.raises(ConversionError, match="noise_mode='gaussian'"):
         config_from_reference(noise_fork_reference(noise_mode="gaussian"))
+    llama = tiny_reference("llama-implicit")
+    llama["backbone_config"]["block_cfg"]["state_noise_db"] = 40.0
+    with pytest.raises(ConversionError, match="Mamba2 blocks only"):
+        config_from_reference(llama, "noise-fork")
 
 
 def test_contradicting_layouts_get_one_clear_error(tmp_path):

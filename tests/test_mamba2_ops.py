@@ -67,3 +67,20 @@ def test_gated_norm_matches_transformers():
     reference.weight.data.normal_()
     x, gate = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     torch.testing.assert_close(gated_rms_norm(x, gate, reference.weight, 1e-5, 8), reference(x, gate))
+
+
+def test_gaussian_noise_follows_the_forks_snr_definition():
+    from modeling_implicit.mamba2_ops import gaussian_noise
+
+    x = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(0)) * 3
+    assert gaussian_noise(x, 0.0, "additive") is x and gaussian_noise(x, -5.0, "multiplicative") is x  # 0 dB: off
+    noisy = gaussian_noise(x, 20.0, "additive", torch.Generator().manual_seed(1))
+    ratio = x.pow(2).mean() / (noisy - x).pow(2).mean()
+    assert abs(10 * torch.log10(ratio).item() - 20.0) < 0.2  # the measured SNR is the one asked for
+    relative = gaussian_noise(x, 20.0, "multiplicative", torch.Generator().manual_seed(1)) / x - 1
+    assert abs(relative.std().item() - 0.1) < 0.005  # sigma = 10 ** (-20 / 20), whatever the signal power
+    again = gaussian_noise(x, 20.0, "additive", torch.Generator().manual_seed(1))
+    assert torch.equal(noisy, again)
+    rows = torch.tensor([1, 0, 1, 0])
+    masked = gaussian_noise(x, 20.0, "additive", torch.Generator().manual_seed(1), rows=rows)
+    assert torch.equal(masked[1], x[1]) and torch.equal(masked[3], x[3]) and not torch.equal(masked[0], x[0])

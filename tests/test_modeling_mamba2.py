@@ -68,3 +68,34 @@ def test_cache_layout():
     with torch.no_grad():
         conv, ssm = output_cache(model(ids(), use_cache=True)).states
     assert conv.dtype == torch.bfloat16 and ssm.dtype == torch.float32
+
+
+def test_noise_study_acts_on_sequential_steps_only_and_repeats_with_a_seed():
+    import warnings
+
+    model = tiny_mamba2(inference_mode="sequential", latent_noise_db=30.0, state_noise_db=30.0, tolerance=1e-3,
+                        eval_max_iterations=40)
+    clean = tiny_mamba2(inference_mode="sequential", tolerance=1e-3, eval_max_iterations=40)
+    tokens = ids(batch=2, length=6)
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", mi.ConvergenceWarning)  # noise at every iteration: no exact fixed point
+        first, second = (model(tokens, attention_mask=mask, noise_generator=torch.Generator().manual_seed(3)).logits
+                         for _ in range(2))
+        other = model(tokens, attention_mask=mask, noise_generator=torch.Generator().manual_seed(4)).logits
+        expected = clean(tokens, attention_mask=mask).logits
+        simultaneous = model(tokens, attention_mask=mask, noise_generator=torch.Generator().manual_seed(3),
+                             cache=None, use_cache=False)
+        model.config.inference_mode = "simultaneous"
+        full_sequence = model(tokens, attention_mask=mask).logits
+        clean.config.inference_mode = "simultaneous"
+        full_clean = clean(tokens, attention_mask=mask).logits
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    torch.testing.assert_close(first[1, 0], expected[1, 0])  # the first token is no step: no noise
+    assert (first[1, 1:] - expected[1, 1:]).abs().max() > 1e-4
+    torch.testing.assert_close(first[0, 3], expected[0, 3])  # the first real token after padding: no noise yet
+    assert simultaneous.logits.shape == first.shape
+    torch.testing.assert_close(full_sequence, full_clean)  # simultaneous mode takes no single-token step
+    with pytest.raises(ValueError, match="noise_mode='loud'"):
+        tiny_mamba2(noise_mode="loud")

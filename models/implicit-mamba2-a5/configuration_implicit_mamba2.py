@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require
+
+NOISE_MODES = ("additive", "multiplicative")
 
 
 class ImplicitMamba2Config(ImplicitPretrainedConfig):
@@ -27,6 +31,19 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
         rescale_prenorm_residual (`bool`, defaults to `True`): divide the initial `out_proj` weights by
             `sqrt(num_hidden_layers)` (GPT-2 scheme, as mamba does).
 
+    Analog-noise study (the markschoene/implicit_languagemodels fork; off by default). Gaussian noise on the
+    single-token step path only, i.e. every sequential token after the first (a step against committed states):
+        latent_noise_db (`float`, defaults to 0.0): signal-to-noise ratio in dB of the noise added to every mixer's
+            input (after the block's pre-norm) at every evaluation of `f`, so at every solver iteration. 0 or less:
+            no noise (the fork's meaning of 0).
+        state_noise_db (`float`, defaults to 0.0): SNR in dB of the noise added to each layer's committed
+            convolution and SSM states once per token.
+        noise_mode (`str`, defaults to `"additive"`): `"additive"`: `x + sigma * eps` with
+            `sigma = RMS(x) * 10 ** (-dB / 20)`, the RMS over the whole tensor (batch included); `"multiplicative"`:
+            `x * (1 + sigma * eps)` with `sigma = 10 ** (-dB / 20)`.
+        The noise is drawn from the `noise_generator` passed to `forward` / `generate` (torch's default generator
+        when none is), so a run can be repeated.
+
     The input injection (RMSNorm, then a Linear with bias from `hidden_size` to the in-projection width
     `2 * expand * hidden_size + 2 * n_groups * state_size + num_heads`) exists only when `implicit=True`.
     """
@@ -47,6 +64,13 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
     time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
     A_init_range: list[float] | tuple[float, ...] = (1.0, 16.0)
     rescale_prenorm_residual: bool = True
+    latent_noise_db: float = 0.0
+    state_noise_db: float = 0.0
+    noise_mode: str = "additive"
+
+    @property
+    def noise_active(self) -> bool:
+        return self.latent_noise_db > 0 or self.state_noise_db > 0
 
     @property
     def intermediate_size(self) -> int:
@@ -85,5 +109,12 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
         _require(0 < self.time_step_min <= self.time_step_max, "time_step_min", self.time_step_min, "in (0, time_step_max]")
         limit = tuple(self.time_step_limit)
         _require(len(limit) == 2 and 0 <= limit[0] < limit[1], "time_step_limit", self.time_step_limit, "(low, high) with 0 <= low < high")
+        for name in ("latent_noise_db", "state_noise_db"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                name, value, "a finite number of dB (0 or less: no noise)",
+            )
+        _require(self.noise_mode in NOISE_MODES, "noise_mode", self.noise_mode, f"one of {NOISE_MODES}")
         a_range = tuple(self.A_init_range)
         _require(len(a_range) == 2 and 0 < a_range[0] <= a_range[1], "A_init_range", self.A_init_range, "(low, high) with 0 < low <= high")

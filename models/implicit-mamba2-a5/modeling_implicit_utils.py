@@ -124,6 +124,7 @@ class StackInputs:
         padding_mask: `(batch, seq_len)` 1 for real tokens and 0 for padding among the new tokens, or `None` when
             nothing is padded. Padding positions of `z` are held at zero, so they never enter a residual.
         output_hidden_states / output_attentions: record, in every evaluation, what `StackRecorder` collects.
+        noise_generator: the random generator of stochastic layers (the Mamba2 noise study), None: torch's default.
 
     Models with attention subclass it with their masks and positional embeddings and override `token`.
     """
@@ -131,6 +132,7 @@ class StackInputs:
     padding_mask: torch.Tensor | None
     output_hidden_states: bool = False
     output_attentions: bool = False
+    noise_generator: torch.Generator | None = None
 
     def token(self, index: int, past_len: int) -> StackInputs:
         """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
@@ -378,21 +380,27 @@ class ImplicitBackboneMixin:
 
         return fn
 
-    def _solve(self, fn, embeddings: torch.Tensor, start: torch.Tensor | None = None) -> FixedPointResult:
-        """Solve from `start` (a warm start) or zeros; an explicit model evaluates the stack once on `embeddings`."""
+    def _solve(
+        self, fn, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
+    ) -> FixedPointResult:
+        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop); an
+        explicit model evaluates the stack once on `embeddings`."""
         if not self.config.implicit:
             z, states = fn(embeddings)
             return FixedPointResult(z, states, None)
-        settings = SolverSettings.from_config(self.config, training=self.training)
+        settings = SolverSettings.from_config(self.config, training=self.training, mode=mode)
         return solve_fixed_point(fn, torch.zeros_like(embeddings) if start is None else start, settings)
 
     def _use_decode_graphs(self, inputs_embeds: torch.Tensor) -> bool:
-        """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static)."""
+        """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static), our
+        per-sample loop."""
         config = self.config
         return (
             config.cuda_graph_decoding
             and config.implicit
             and config.solver == "picard"
+            and config.stop_rule == "per_sample"
+            and not getattr(config, "noise_active", False)  # fresh noise per iteration: not a replayable graph
             and inputs_embeds.is_cuda
             and not torch.is_grad_enabled()
         )
@@ -424,7 +432,7 @@ class ImplicitBackboneMixin:
             stack_inputs,
             cache.states,
             torch.zeros_like(inputs_embeds) if start is None else start,
-            SolverSettings.from_config(self.config, training=False),
+            SolverSettings.from_config(self.config, training=False, mode="sequential"),
             capture=inputs_embeds.is_cuda,
             weights=tuple(parameter.data_ptr() for parameter in self.parameters()),
         )
@@ -489,6 +497,7 @@ class ImplicitBackboneMixin:
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: ImplicitCache | None = None,
+        noise_generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> ImplicitModelOutput | tuple:
         """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument.
@@ -499,6 +508,7 @@ class ImplicitBackboneMixin:
         evaluation's attention maps, computed with eager attention. In sequential mode each token's are joined along
         the sequence (attention rows padded with zeros for the keys a token cannot see). Training with
         `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones are the last's.
+        `noise_generator` draws the noise of a model whose config turns the noise study on (Mamba2).
         """
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
@@ -528,11 +538,13 @@ class ImplicitBackboneMixin:
         stack_inputs = self._prepare_stack_inputs(
             mask, position_ids, inputs_embeds, past_len, bool(output_hidden_states), bool(output_attentions)
         )
+        if noise_generator is not None:
+            stack_inputs = replace(stack_inputs, noise_generator=noise_generator)
         injection = self.injection(inputs_embeds) if self.config.implicit else None
 
         if self._solve_mode(seq_len, passed_cache) == "simultaneous":
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
-            result = self._solve(fn, inputs_embeds)
+            result = self._solve(fn, inputs_embeds, "simultaneous")
             states, hidden_states, attentions = result.aux
             if cache is not None:
                 cache.commit(states, seq_len, fixed_point=result.z[:, -1:])
@@ -550,7 +562,7 @@ class ImplicitBackboneMixin:
                     result = self._solve_with_graph(token_injection, token_inputs, cache, start, inputs_embeds)
                 if result is None:
                     fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
-                    result = self._solve(fn, inputs_embeds[:, t : t + 1], start)
+                    result = self._solve(fn, inputs_embeds[:, t : t + 1], "sequential", start)
                 states, token_hidden, token_attention = result.aux
                 cache.commit(states, 1, fixed_point=result.z)
                 outputs.append(result.z)
@@ -626,6 +638,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: ImplicitCache | None = None,
+        noise_generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> ImplicitCausalLMOutput | tuple:
         """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
@@ -639,6 +652,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            noise_generator=noise_generator,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

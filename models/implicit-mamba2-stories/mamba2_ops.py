@@ -211,3 +211,30 @@ def mamba2_decode_step_reference(
         ssm_state,
     )
     return y, window[..., 1:], new_ssm_state
+
+
+def gaussian_noise(
+    x: torch.Tensor,
+    snr_db: float,
+    mode: str,
+    generator: torch.Generator | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x` with Gaussian noise at a signal-to-noise ratio of `snr_db` (the noise study of the
+    markschoene/implicit_languagemodels fork): additive `x + sigma * eps` with `sigma = RMS(x) * 10 ** (-dB / 20)`, the
+    RMS taken over the whole tensor (batch included), or multiplicative `x * (1 + sigma * eps)` with
+    `sigma = 10 ** (-dB / 20)`. `snr_db <= 0` means no noise. `rows` (`(batch,)`, 0/1) limits the noise to the samples
+    whose token is real, so padding never changes a sample's state."""
+    if snr_db <= 0:
+        return x
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    if rows is not None:
+        eps = eps * rows.view(-1, *([1] * (x.dim() - 1))).to(eps.dtype)
+    scale = 10.0 ** (-snr_db / 20.0)
+    compute = at_least_float32(x)
+    if mode == "additive":
+        noisy = compute + compute.pow(2).mean().sqrt() * scale * eps
+    else:
+        noisy = compute * (1 + scale * eps)
+    return noisy.to(x.dtype)
+

@@ -11,6 +11,7 @@ SOLVERS = ("picard", "anderson")
 STOP_MODES = ("rel", "abs")
 BACKWARDS = ("phantom", "unrolled")
 MODES = ("simultaneous", "sequential")
+STOP_RULES = ("per_sample", "torchdeq_reference", "standalone_reference")
 
 
 def _require(condition: bool, field: str, value: Any, allowed: str) -> None:
@@ -86,6 +87,19 @@ class ImplicitPretrainedConfig(PretrainedConfig):
             reference's own `deq_params` (and its noise settings, if any), kept for the record; the model does not
             read it.
 
+        stop_rule (`str`, defaults to `"per_sample"`): the inference loop. `"per_sample"` is ours (see below).
+            The others reproduce a reference codebase's own evaluation exactly, for checking its numbers with a
+            converted checkpoint; both couple the rows of a batch (a sample's result depends on its batch mates) and
+            ignore `solver`, `stop_mode` and `convergence_check_interval`:
+            `"torchdeq_reference"` (microsoft/implicit_languagemodels, every inference forward): at most
+            `eval_max_iterations - 1` damped iterations, each tested with one relative norm over the whole batch,
+            `||f(z) - z|| / (1e-6 + ||z||) < tolerance` (damping applied before the test), then one undamped
+            evaluation that gives the output and the states to commit.
+            `"standalone_reference"` (implicit-languagemodels-standalone): in simultaneous mode its
+            `fixed_point_iter` (damped iterates, per-sample residual `||x' - x|| / (||x'|| + 1e-9)`, each sample's
+            best iterate kept, stop when the largest residual is below `tolerance`, no final evaluation); in
+            sequential mode the loop above. Training always uses the per-sample loop.
+
     Convergence is judged per sample: a sample whose residual is below `tolerance` is frozen while the others go
     on, so its result never depends on its batch mates or on padding.
     """
@@ -118,6 +132,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     warm_start: bool = False
     convergence_check_interval: int = 1
     cuda_graph_decoding: bool = False
+    stop_rule: str = "per_sample"
     converted_from: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -161,3 +176,10 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         _require(self.backward in BACKWARDS, "backward", self.backward, f"one of {BACKWARDS}")
         _require(self.inference_mode in MODES, "inference_mode", self.inference_mode, f"one of {MODES}")
         _require(self.prefill_mode in MODES, "prefill_mode", self.prefill_mode, f"one of {MODES}")
+        _require(self.stop_rule in STOP_RULES, "stop_rule", self.stop_rule, f"one of {STOP_RULES}")
+        _require(
+            self.stop_rule == "per_sample" or self.solver == "picard",
+            "stop_rule",
+            self.stop_rule,
+            "'per_sample' with solver='anderson' (the reference loops are damped fixed-point iteration)",
+        )

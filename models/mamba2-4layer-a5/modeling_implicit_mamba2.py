@@ -7,6 +7,7 @@ With `implicit=False` the same modules give the explicit Mamba2: no injection, o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from transformers import initialization as init
 
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .kernels import causal_conv1d_silu, mamba2_decode_step, ssd_chunk_scan
-from .mamba2_ops import gated_rms_norm, time_step
+from .mamba2_ops import gated_rms_norm, gaussian_noise, time_step
 from .modeling_implicit_utils import (
     ImplicitBackboneMixin,
     ImplicitCache,
@@ -182,6 +183,31 @@ class ImplicitMamba2Mixer(nn.Module):
         )
 
 
+@dataclass
+class Mamba2StackInputs(StackInputs):
+    """`StackInputs` plus, when the noise study is on, `history`: the `(batch, past_len + seq_len)` 0/1 mask of the
+    cached and new tokens (None: no padding). A step adds noise only to samples that already committed a real token,
+    so a left-padded sample's first real token is, as without padding, no noisy step."""
+
+    history: torch.Tensor | None = None
+
+
+@dataclass
+class StepNoise:
+    """The noise study on one single-token step (see `ImplicitMamba2Config`): latent noise on a mixer's input, state
+    noise on the states a step would commit. `rows` masks out padded samples."""
+
+    config: ImplicitMamba2Config
+    generator: torch.Generator | None
+    rows: torch.Tensor | None
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return gaussian_noise(x, self.config.latent_noise_db, self.config.noise_mode, self.generator, self.rows)
+
+    def state(self, x: torch.Tensor) -> torch.Tensor:
+        return gaussian_noise(x, self.config.state_noise_db, self.config.noise_mode, self.generator, self.rows)
+
+
 class ImplicitMamba2Block(ImplicitLayer):
     """Pre-norm residual block: `z + mixer(norm(z), injection)`."""
 
@@ -198,11 +224,13 @@ class ImplicitMamba2Block(ImplicitLayer):
         mask: torch.Tensor | None,
         conv_state: torch.Tensor | None,
         ssm_state: torch.Tensor | None,
+        noise: StepNoise | None = None,
     ) -> tuple[torch.Tensor, Mamba2States]:
         residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
-        mixed, states = self.mixer(
-            self.norm(hidden_states.to(self.norm.weight.dtype)), injection, mask, conv_state, ssm_state
-        )
+        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        if noise is not None:
+            normed = noise.latent(normed)
+        mixed, states = self.mixer(normed, injection, mask, conv_state, ssm_state)
         return residual + mixed, states
 
 
@@ -266,6 +294,34 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
     def make_cache(self) -> ImplicitMamba2Cache:
         return ImplicitMamba2Cache()
 
+    def _prepare_stack_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        past_len: int,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> Mamba2StackInputs:
+        seq_len = inputs_embeds.shape[1]
+        return Mamba2StackInputs(
+            None if attention_mask is None else attention_mask[:, -seq_len:],
+            output_hidden_states=output_hidden_states,
+            history=attention_mask if self.config.noise_active else None,
+        )
+
+    def _step_noise(self, stack_inputs: Mamba2StackInputs, cache: ImplicitMamba2Cache | None, seq_len: int):
+        """The noise study acts on steps against committed states only (the fork's single-token path), of the
+        samples that committed a real token before this one."""
+        if not self.config.noise_active or seq_len != 1 or cache is None or cache.states is None:
+            return None
+        rows = None
+        if stack_inputs.history is not None:
+            seen = cache.get_seq_length()
+            history = stack_inputs.history.bool()
+            rows = history[:, :seen].any(-1) & history[:, seen]
+        return StepNoise(self.config, stack_inputs.noise_generator, rows)
+
     def _evaluate_stack(
         self,
         hidden_states: torch.Tensor,
@@ -279,6 +335,7 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         mask = stack_inputs.padding_mask
         past = cache.states if cache is not None else None
         recorder = StackRecorder(stack_inputs, hidden_states)
+        noise = self._step_noise(stack_inputs, cache, hidden_states.shape[1])
         conv_states, ssm_states = [], []
         for index, layer in enumerate(self.layers):
             hidden_states, (conv_state, ssm_state) = layer(
@@ -287,7 +344,12 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
                 mask,
                 None if past is None else past[0][:, index],
                 None if past is None else past[1][:, index],
+                noise,
             )
+            if noise is not None and return_states:
+                # Each evaluation's candidate states get a draw; only the committed evaluation's reach the cache,
+                # so the committed states carry one draw per token, as the fork's noise after each cache write.
+                conv_state, ssm_state = noise.state(conv_state), noise.state(ssm_state)
             conv_states.append(conv_state)
             ssm_states.append(ssm_state)
             recorder.block(hidden_states)

@@ -44,9 +44,12 @@ class SolverSettings:
     phantom_damping: float
     backward: str
     convergence_check_interval: int = 1
+    loop: str = "per_sample"
 
     @classmethod
-    def from_config(cls, config: Any, training: bool) -> SolverSettings:
+    def from_config(cls, config: Any, training: bool, mode: str = "simultaneous") -> SolverSettings:
+        """The settings of one solve; `mode` (simultaneous or sequential) picks the loop of a reference `stop_rule`
+        (see `ImplicitPretrainedConfig.stop_rule`). Training always runs our per-sample loop."""
         return cls(
             max_iterations=config.max_iterations if training else config.eval_max_iterations,
             tolerance=float(config.tolerance),
@@ -58,7 +61,18 @@ class SolverSettings:
             phantom_damping=float(config.phantom_damping),
             backward=config.backward,
             convergence_check_interval=config.convergence_check_interval,
+            loop="per_sample" if training else REFERENCE_LOOPS[config.stop_rule][mode],
         )
+
+
+# Which loop each `stop_rule` runs at inference, per mode (see `_iterate_reference_global` / `_best_per_sample`).
+REFERENCE_LOOPS = {
+    "per_sample": {"simultaneous": "per_sample", "sequential": "per_sample"},
+    # microsoft/implicit_languagemodels: its own loop (not torchdeq's solver) for every inference forward.
+    "torchdeq_reference": {"simultaneous": "global_then_undamped", "sequential": "global_then_undamped"},
+    # implicit-languagemodels-standalone: `fixed_point_iter` for full sequences, `_sequential_step` per token.
+    "standalone_reference": {"simultaneous": "best_per_sample", "sequential": "global_then_undamped"},
+}
 
 
 @dataclass
@@ -317,6 +331,78 @@ def _iterate(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings)
     return FixedPointResult(state.out, state.aux, state.stats())
 
 
+# The references' epsilons: added to ||z|| (global loop) and to ||f|| (best-per-sample loop).
+_GLOBAL_EPS = 1e-6
+_BEST_EPS = 1e-9
+
+
+def _iterate_global_then_undamped(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
+    """The reference inference loop of microsoft/implicit_languagemodels (and the standalone code's sequential step):
+    at most `max_iterations - 1` damped iterations `z <- (1 - damping) z + damping f(z)`, each followed by the test
+    `||f(z) - z|| / (1e-6 + ||z||) < tolerance` with one norm over the whole batch (the rows are coupled: a batch
+    stops together), then one undamped evaluation whose output and `aux` are the result. Iterations count the damped
+    ones, as the reference's `steps` (one more evaluation of `f` follows)."""
+    z, residual, steps = z0, torch.tensor(float("inf"), device=z0.device), 0
+    for step in range(settings.max_iterations - 1):
+        fz, _ = fn(z)
+        difference = (at_least_float32(fz) - at_least_float32(z)).norm()
+        residual = difference / (_GLOBAL_EPS + at_least_float32(z).norm())
+        z = ((1 - settings.damping) * z + settings.damping * fz).to(z.dtype)
+        steps = step + 1
+        if not torch.isfinite(residual):
+            raise SolverDivergenceError(
+                f"Fixed-point solver diverged: the batch residual is NaN or infinite at iteration {steps}."
+            )
+        if residual < settings.tolerance:
+            break
+    out, aux = fn(z)
+    batch = z0.shape[0]
+    stats = SolverStats(
+        iterations=torch.full((batch,), steps, dtype=torch.long, device=z0.device),
+        residual=residual.float().expand(batch).clone(),
+        converged=(residual < settings.tolerance).expand(batch).clone(),
+    )
+    return FixedPointResult(out, aux, stats)
+
+
+def _iterate_best_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
+    """The standalone code's `fixed_point_iter` (its default inference for full sequences): damped iterates
+    `x' = damping f(x) + (1 - damping) x`, per-sample residual `||x' - x|| / (||x'|| + 1e-9)`, each sample keeping the
+    iterate with the lowest residual so far (and the `aux` of the evaluation that produced it), at most
+    `max_iterations` evaluations, stopping once the largest residual in the batch is below `tolerance` (the rows are
+    coupled). The result is that best damped iterate; no final evaluation. Iterations count up to the best one."""
+    x, batch = z0, z0.shape[0]
+    best_x, best_aux = z0, None
+    best_residual = torch.full((batch,), float("inf"), device=z0.device)
+    best_step = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    for step in range(settings.max_iterations):
+        fx, aux = fn(x)
+        fx = (settings.damping * fx + (1 - settings.damping) * x).to(x.dtype)
+        difference = (at_least_float32(fx) - at_least_float32(x)).flatten(1).norm(dim=1)
+        residual = difference / (at_least_float32(fx).flatten(1).norm(dim=1) + _BEST_EPS)
+        improved = residual < best_residual
+        best_x = _batch_where(improved, fx, best_x)
+        best_aux = _batch_where(improved, aux, best_aux)
+        best_residual = torch.where(improved, residual, best_residual)
+        best_step = torch.where(improved, step + 1, best_step)
+        x = fx
+        if not torch.isfinite(residual).all():
+            raise SolverDivergenceError(
+                f"Fixed-point solver diverged: the residual of batch sample(s) "
+                f"{(~torch.isfinite(residual)).nonzero().flatten().tolist()} is NaN or infinite at iteration {step + 1}."
+            )
+        if residual.max() < settings.tolerance:
+            break
+    stats = SolverStats(best_step, best_residual, best_residual < settings.tolerance)
+    return FixedPointResult(best_x, best_aux, stats)
+
+
+_REFERENCE_ITERATIONS = {
+    "global_then_undamped": _iterate_global_then_undamped,
+    "best_per_sample": _iterate_best_per_sample,
+}
+
+
 def solve_fixed_point(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
     """Find `z* = f(z*)` per sample and attach the gradient the settings ask for.
 
@@ -324,7 +410,10 @@ def solve_fixed_point(fn: FixedPointFunction, z0: torch.Tensor, settings: Solver
     - `backward="phantom"`: a tape-free solve, then `phantom_steps` damped steps with tape starting from the detached
       solution (eq. 5 of the paper); memory does not depend on the number of solver iterations.
     - `backward="unrolled"`: autograd through every iteration of the solve.
+    - `settings.loop` other than `"per_sample"`: one of the reference codebases' inference loops.
     """
+    if settings.loop != "per_sample":  # with grad mode on (outside training), autograd records the whole loop
+        return _REFERENCE_ITERATIONS[settings.loop](fn, z0, settings)
     if not torch.is_grad_enabled() or settings.backward == "unrolled":
         return _iterate(fn, z0, settings)
     with torch.no_grad():
