@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from eval.common import config_overrides
 from modeling_implicit import (
     ConvergenceWarning,
     ImplicitLlamaConfig,
@@ -108,15 +107,17 @@ def best_of_rounds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[s
 
 class Decoder:
     """Greedy decoding of `new_tokens` after a prefill of `prompt`; each call returns the seconds per generated
-    token (the prefill not timed) and records the mean solver iterations per token in `iterations`."""
+    token (the prefill not timed) and records the mean solver iterations per token in `iterations`. `overrides` are
+    the solver settings of every call."""
 
-    def __init__(self, model: Any, prompt: torch.Tensor, new_tokens: int):
+    def __init__(self, model: Any, prompt: torch.Tensor, new_tokens: int, overrides: dict[str, Any] | None = None):
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.overrides = overrides
         self.iterations: list[float] = []
 
     @torch.no_grad()
     def __call__(self) -> float:
-        output = self.model(self.prompt, use_cache=True)
+        output = self.model(self.prompt, use_cache=True, solver_overrides=self.overrides)
         cache = output_cache(output)
         first = output.logits[:, -1:].argmax(-1)
         per_token: list[torch.Tensor] = []
@@ -124,7 +125,7 @@ class Decoder:
         def run() -> None:
             token = first
             for _ in range(self.new_tokens):
-                step = self.model(token, cache=cache, use_cache=True)
+                step = self.model(token, cache=cache, use_cache=True, solver_overrides=self.overrides)
                 token = step.logits[:, -1:].argmax(-1)
                 if step.solver_stats is not None:
                     per_token.append(step.solver_stats.iterations.float().mean())
@@ -157,13 +158,14 @@ def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[
 
 def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     variants = [("eager", False)] + ([("cuda_graphs", True)] if prompt.is_cuda else [])
-    decoders = {name: Decoder(implicit, prompt, args.new_tokens) for name, _ in variants}
+    decoders = {name: Decoder(implicit, prompt, args.new_tokens, dict(cuda_graph_decoding=graphs))
+                for name, graphs in variants}
     runs: dict[str, Callable[[], float]] = {
         "explicit_step": step_runner(explicit, prompt),
         "explicit_stack_step": step_runner(explicit.base_model, prompt),
     }
-    for name, graphs in variants:
-        runs[name] = partial(_with_overrides, implicit, dict(cuda_graph_decoding=graphs), decoders[name])
+    for name, _ in variants:
+        runs[name] = partial(_quietly, decoders[name])
     best = best_of_rounds(runs, args.repeats)
     explicit_step, explicit_stack_step = best["explicit_step"], best["explicit_stack_step"]
     rows = {}
@@ -180,8 +182,8 @@ def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: ar
     return {"explicit_step_seconds": explicit_step, "explicit_stack_step_seconds": explicit_stack_step, **rows}
 
 
-def _with_overrides(model: Any, overrides: dict[str, Any], run: Callable[[], float]) -> float:
-    with config_overrides(model, **overrides), warnings.catch_warnings():
+def _quietly(run: Callable[[], float]) -> float:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return run()
 
@@ -194,10 +196,10 @@ def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, ar
         "explicit_stack": partial(timed, lambda: explicit.base_model(tokens, use_cache=False), device),
     }
     for iterations in args.simultaneous_iterations:
-        # Exactly S iterations: no residual falls below a zero-ish tolerance.
-        overrides = dict(eval_max_iterations=iterations, tolerance=1e-30, inference_mode="simultaneous")
-        forward = partial(timed, lambda: implicit(tokens, use_cache=False), device)
-        runs[iterations] = partial(_with_overrides, implicit, overrides, forward)
+        overrides = dict(eval_max_iterations=iterations, early_stop=False, inference_mode="simultaneous")
+        forward = partial(timed, lambda overrides=overrides: implicit(tokens, use_cache=False,
+                                                                      solver_overrides=overrides), device)
+        runs[iterations] = partial(_quietly, forward)
     best = best_of_rounds(runs, args.repeats)
     explicit_forward, explicit_stack = best["explicit_forward"], best["explicit_stack"]
     rows = {}
@@ -219,9 +221,9 @@ def iteration_savings(model: Any, tokens: torch.Tensor, tolerance: float, max_it
     for solver, warm_start in SOLVER_VARIANTS:
         overrides = dict(solver=solver, warm_start=warm_start, tolerance=tolerance,
                          eval_max_iterations=max_iterations, inference_mode="sequential")
-        with config_overrides(model, **overrides), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            output = model(tokens, use_cache=False)
+            output = model(tokens, use_cache=False, solver_overrides=overrides)
         stats = output.solver_stats
         if reference is None:
             reference = output

@@ -139,16 +139,32 @@ def load_model(
 
 
 @contextlib.contextmanager
-def config_overrides(model: torch.nn.Module, **overrides: Any) -> Iterator[None]:
-    """Temporarily set config fields (e.g. `inference_mode`, `eval_max_iterations`) on a loaded model."""
-    saved = {name: getattr(model.config, name) for name in overrides}
-    for name, value in overrides.items():
+def model_fields(model: torch.nn.Module, **fields: Any) -> Iterator[None]:
+    """Temporarily set config fields that change the function a model computes (`implicit`, the Mamba2 noise
+    fields), which no per-call override covers. Solver settings go through `solver_kwargs` instead."""
+    from modeling_implicit.configuration_implicit import SOLVER_OVERRIDE_FIELDS
+
+    solver_fields = sorted(set(fields) & set(SOLVER_OVERRIDE_FIELDS))
+    if solver_fields:
+        raise ValueError(f"{solver_fields} are solver settings: pass them per call with solver_kwargs")
+    saved = {name: getattr(model.config, name) for name in fields}
+    for name, value in fields.items():
         setattr(model.config, name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(model.config, name, value)
+
+
+def solver_kwargs(model: torch.nn.Module, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments that run one call of `model` with these solver settings (`model(x, **solver_kwargs(model,
+    inference_mode="sequential"))`), leaving its config alone; nothing for a model that is not ours (a transformers
+    baseline), which has no solver."""
+    config = getattr(model, "config", None)
+    if not overrides or getattr(config, "model_type", None) not in IMPLICIT_MODEL_TYPES:
+        return {}
+    return {"solver_overrides": overrides}
 
 
 def read_tokens(path: str | os.PathLike, tokenizer: Any, text_field: str = "text") -> torch.Tensor:

@@ -27,7 +27,6 @@ from .common import (
     add_data_arguments,
     add_model_arguments,
     check_positive,
-    config_overrides,
     is_implicit,
     load_model,
     load_rows,
@@ -35,6 +34,7 @@ from .common import (
     run_cli,
     run_metadata,
     save_figure,
+    solver_kwargs,
     solver_overrides,
     write_json,
 )
@@ -47,8 +47,7 @@ QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 @torch.no_grad()
 def mode_logits(model: torch.nn.Module, rows: torch.Tensor, mode: str) -> torch.Tensor:
     """Logits of a full forward over `rows` solved in `mode` (no cache kept)."""
-    with config_overrides(model, inference_mode=mode):
-        return model(rows, use_cache=False).logits
+    return model(rows, use_cache=False, **solver_kwargs(model, inference_mode=mode)).logits
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str | list[int]:

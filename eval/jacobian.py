@@ -36,12 +36,13 @@ from eval.common import (
     add_model_arguments,
     check_positive,
     check_token_range,
-    config_overrides,
     load_model,
+    model_fields,
     new_figure,
     run_cli,
     run_metadata,
     save_figure,
+    solver_kwargs,
     write_json,
 )
 from modeling_implicit.compat import output_cache
@@ -115,12 +116,16 @@ def check_model(model: torch.nn.Module) -> None:
         )
 
 
-def context_states(model: torch.nn.Module, context: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[int]]:
-    """The committed `(conv_states, ssm_states)` after running the model sequentially over `context` `(1, length)`,
-    and the solver iterations of each token (empty for an explicit model)."""
-    with torch.no_grad(), config_overrides(model, inference_mode="sequential"):
+def context_states(
+    model: torch.nn.Module, context: torch.Tensor, **overrides: Any
+) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+    """The committed `(conv_states, ssm_states)` after running the model sequentially over `context` `(1, length)`
+    (with the solver `overrides`), and the solver iterations of each token (empty for an explicit model)."""
+    with torch.no_grad():
         try:
-            output = model.base_model(input_ids=context, use_cache=True)
+            output = model.base_model(
+                input_ids=context, use_cache=True, **solver_kwargs(model, inference_mode="sequential", **overrides)
+            )
         except FloatingPointError as error:  # the model's SolverDivergenceError
             raise EvalError(f"solving the context diverged: {error}") from error
     stats = output.solver_stats
@@ -230,8 +235,9 @@ def compute_jacobians(
     device = next(model.parameters()).device
     context, token = tokens[:-1].view(1, -1).to(device), int(tokens[-1])
 
-    with config_overrides(model, tolerance=tolerance, eval_max_iterations=max_iterations):
-        (conv_states, ssm_states), context_iterations = context_states(model, context)
+    (conv_states, ssm_states), context_iterations = context_states(
+        model, context, tolerance=tolerance, eval_max_iterations=max_iterations
+    )
     step, _ = step_function(model, token, conv_states, ssm_states.shape)
     h = ssm_states.reshape(-1)
 
@@ -254,7 +260,7 @@ def compute_jacobians(
     lambda_u_form = lambda_u_jacobian(step, trace["z"], h, dphi_dh)
 
     # Explicit contrast: no injection, z = embedding, one pass; Λ and u depend on the input only.
-    with config_overrides(model, implicit=False):
+    with model_fields(model, implicit=False):
         (conv_states, ssm_states), _ = context_states(model, context)
         explicit_step, embedding = step_function(model, token, conv_states, ssm_states.shape)
         explicit = jacobian(lambda h: explicit_step(embedding, h)[1], ssm_states.reshape(-1), vectorize=True)

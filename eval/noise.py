@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .common import (
     EvalError,
     add_model_arguments,
-    config_overrides,
     load_model,
+    model_fields,
     new_figure,
     run_cli,
     run_metadata,
@@ -48,7 +48,7 @@ def noise_sweep(
         if mode is not None:
             overrides = {"latent_noise_db": db, "state_noise_db": db, "noise_mode": mode}
         torch.manual_seed(seed)
-        with config_overrides(model, **overrides), warnings.catch_warnings():
+        with model_fields(model, **overrides), warnings.catch_warnings():
             # Fresh noise at every iteration leaves no exact fixed point: non-convergence is part of the measurement.
             warnings.simplefilter("ignore")
             (row,) = length_generalization(model, group, [length], num_samples, seed=seed, modes=("sequential",))

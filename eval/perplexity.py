@@ -28,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_implicit.compat import output_cache
+from modeling_implicit.compat import cache_field, output_cache
 
 from .common import (
     SolverStatsRecorder,
     add_data_arguments,
     add_model_arguments,
     check_positive,
-    config_overrides,
     is_implicit,
     load_model,
     load_rows,
@@ -43,6 +42,7 @@ from .common import (
     run_cli,
     run_metadata,
     save_figure,
+    solver_kwargs,
     solver_overrides,
     write_json,
 )
@@ -68,16 +68,17 @@ def streamed_nll(model: torch.nn.Module, rows: torch.Tensor, chunk_size: int) ->
     `(batch, seq_len - 1)`. Only one chunk of logits and the model's cache are alive at any time."""
     cache, previous_last = None, None
     losses = []
-    with config_overrides(model, prefill_mode="sequential"):
-        for start in range(0, rows.shape[1], chunk_size):
-            chunk = rows[:, start : start + chunk_size]
-            output = model(chunk, cache=cache, use_cache=True)
-            cache = output_cache(output)
-            logits = output.logits
-            if previous_last is not None:  # the previous chunk's last position predicts this chunk's first token
-                losses.append(next_token_nll(previous_last, chunk[:, :1]))
-            losses.append(next_token_nll(logits[:, :-1], chunk[:, 1:]))
-            previous_last = logits[:, -1:]
+    sequential = solver_kwargs(model, prefill_mode="sequential")
+    for start in range(0, rows.shape[1], chunk_size):
+        chunk = rows[:, start : start + chunk_size]
+        # The cache under the installed transformers' name: baselines may be any transformers causal LM.
+        output = model(chunk, **cache_field(cache), use_cache=True, **sequential)
+        cache = output_cache(output)
+        logits = output.logits
+        if previous_last is not None:  # the previous chunk's last position predicts this chunk's first token
+            losses.append(next_token_nll(previous_last, chunk[:, :1]))
+        losses.append(next_token_nll(logits[:, :-1], chunk[:, 1:]))
+        previous_last = logits[:, -1:]
     return torch.cat(losses, dim=1)
 
 

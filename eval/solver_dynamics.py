@@ -32,7 +32,6 @@ from .common import (
     add_data_arguments,
     add_model_arguments,
     check_positive,
-    config_overrides,
     is_implicit,
     load_model,
     load_rows,
@@ -40,6 +39,7 @@ from .common import (
     run_cli,
     run_metadata,
     save_figure,
+    solver_kwargs,
     solver_overrides,
     write_json,
 )
@@ -51,16 +51,16 @@ DEFAULT_CAPS = "1,2,4,8,16,32,64"
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, rows: torch.Tensor, batch_size: int, device: str, description: str
+    model: torch.nn.Module, rows: torch.Tensor, batch_size: int, device: str, description: str, **overrides: Any
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Next-token accuracy, perplexity and solver statistics of `rows` under the model's current config, and every
-    recorded iteration count (per row or per token)."""
+    """Next-token accuracy, perplexity and solver statistics of `rows` with the solver `overrides` on top of the
+    model's config, and every recorded iteration count (per row or per token)."""
     correct = total = 0
     nll_sum = 0.0
     with SolverStatsRecorder(model) as recorder:
         for batch in tqdm(rows.split(batch_size), desc=description, unit="batch", leave=False):
             batch = batch.to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1]
+            logits = model(batch, use_cache=False, **solver_kwargs(model, **overrides)).logits[:, :-1]
             targets = batch[:, 1:]
             correct += (logits.argmax(-1) == targets).sum().item()
             nll_sum += next_token_nll(logits, targets).double().sum().item()
@@ -150,19 +150,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, overrides=solver_overrides(args))
     if not is_implicit(model):
         raise EvalError(f"{args.model} is not an implicit model: it runs no solver")
-    model.config.stop_mode = "rel"  # Table 6 reports relative residuals; the tolerance then is relative as well
+    relative = {"stop_mode": "rel"}  # Table 6 reports relative residuals; the tolerance then is relative as well
     rows = load_rows(args, model, tokenizer)
 
     dynamics, iterations = {}, {}
     for mode in args.modes:
-        with config_overrides(model, inference_mode=mode):
-            dynamics[mode], iterations[mode] = evaluate(model, rows, args.batch_size, args.device, f"solve ({mode})")
+        dynamics[mode], iterations[mode] = evaluate(
+            model, rows, args.batch_size, args.device, f"solve ({mode})", inference_mode=mode, **relative
+        )
     curve = []
-    with config_overrides(model, inference_mode=args.curve_mode), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # capped solves do not converge, by design
         for cap in tqdm(args.iteration_caps, desc="test-time compute curve", unit="cap"):
-            with config_overrides(model, eval_max_iterations=cap):
-                point, _ = evaluate(model, rows, args.batch_size, args.device, f"cap {cap}")
+            point, _ = evaluate(model, rows, args.batch_size, args.device, f"cap {cap}",
+                                inference_mode=args.curve_mode, eval_max_iterations=cap, **relative)
             stats = _stats_of(point.pop("solver_stats"), args.curve_mode)
             curve.append({
                 "iteration_cap": cap,

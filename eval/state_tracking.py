@@ -54,13 +54,13 @@ from tqdm.auto import tqdm
 from eval.common import (
     EvalError,
     atomic_write,
-    config_overrides,
     is_implicit,
     load_model,
     new_figure,
     run_cli,
     run_metadata,
     save_figure,
+    solver_kwargs,
     word_level_tokenizer,
     write_json,
 )
@@ -321,8 +321,7 @@ def length_generalization(
             correct, iterations, converged = [], [], []
             for start in range(0, num_samples, batch_size):
                 batch = tokens[start : start + batch_size].long().to(device)
-                with config_overrides(model, inference_mode=mode):
-                    output = model(input_ids=batch, use_cache=False)
+                output = model(input_ids=batch, use_cache=False, **solver_kwargs(model, inference_mode=mode))
                 correct.append(output.logits.argmax(-1).cpu() == labels[start : start + batch_size].long())
                 stats = getattr(output, "solver_stats", None)
                 if stats is not None and is_implicit(model):

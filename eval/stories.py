@@ -194,9 +194,9 @@ def answer_accuracy(
     the prompt is solved token by token (sequential mode). Stories have `questions` questions (None: one after every
     event, as the story LMs of `training.stories_experiment` are trained); earlier ones appear with their answers.
     Prompts are left-padded into batches (padding changes no logit or iteration count of the real tokens)."""
-    from .common import config_overrides, is_implicit
+    from .common import is_implicit, solver_kwargs
 
-    mode = {"inference_mode": "sequential"} if is_implicit(model) else {}
+    mode = solver_kwargs(model, inference_mode="sequential") if is_implicit(model) else {}
     results = []
     for length in tqdm(lengths, desc="story lengths", unit="length", disable=None):
         rng = random.Random(seed * 100_003 + length)
@@ -208,9 +208,8 @@ def answer_accuracy(
             encoded = tokenizer([story.prompt(story.questions[-1]) for story in batch], return_tensors="pt",
                                 padding=True, padding_side="left")
             prompt_tokens += int(encoded["attention_mask"].sum())
-            with config_overrides(model, **mode):
-                output = model(encoded["input_ids"].to(model.device),
-                               attention_mask=encoded["attention_mask"].to(model.device), use_cache=False)
+            output = model(encoded["input_ids"].to(model.device),
+                           attention_mask=encoded["attention_mask"].to(model.device), use_cache=False, **mode)
             predicted = output.logits[:, -1].argmax(-1).tolist()
             correct += sum(tokenizer.decode(token).strip() == story.questions[-1].answer
                            for token, story in zip(predicted, batch))

@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .compat import CACHE_NAME, RecurrentGenerationMixin, cache_argument, cache_field, output_cache
+from .configuration_implicit import ImplicitPretrainedConfig
 from .decode_graphs import DecodeGraphs
 from .numerics import at_least_float32
 from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
@@ -336,14 +337,14 @@ class ImplicitBackboneMixin:
     belongs to the evaluation of `f` whose output is `last_hidden_state`.
     """
 
-    def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None) -> str:
+    def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None, config: ImplicitPretrainedConfig) -> str:
         """Training: simultaneous. A cache passed in (generation): one token is a sequential step, several are a
         prefill (`prefill_mode`). No cache passed: a full-sequence forward (`inference_mode`)."""
         if self.training:
             return "simultaneous"
         if passed_cache is None:
-            return self.config.inference_mode
-        return "sequential" if seq_len == 1 else self.config.prefill_mode
+            return config.inference_mode
+        return "sequential" if seq_len == 1 else config.prefill_mode
 
     def _prepare_stack_inputs(
         self,
@@ -381,20 +382,20 @@ class ImplicitBackboneMixin:
         return fn
 
     def _solve(
-        self, fn, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
+        self, fn, embeddings: torch.Tensor, mode: str, config: ImplicitPretrainedConfig,
+        start: torch.Tensor | None = None,
     ) -> FixedPointResult:
-        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop); an
-        explicit model evaluates the stack once on `embeddings`."""
-        if not self.config.implicit:
+        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop) with the
+        call's settings; an explicit model evaluates the stack once on `embeddings`."""
+        if not config.implicit:
             z, states = fn(embeddings)
             return FixedPointResult(z, states, None)
-        settings = SolverSettings.from_config(self.config, training=self.training, mode=mode)
+        settings = SolverSettings.from_config(config, training=self.training, mode=mode)
         return solve_fixed_point(fn, torch.zeros_like(embeddings) if start is None else start, settings)
 
-    def _use_decode_graphs(self, inputs_embeds: torch.Tensor) -> bool:
+    def _use_decode_graphs(self, inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
         """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static), our
         per-sample loop."""
-        config = self.config
         return (
             config.cuda_graph_decoding
             and config.implicit
@@ -412,6 +413,7 @@ class ImplicitBackboneMixin:
         cache: ImplicitCache,
         start: torch.Tensor | None,
         inputs_embeds: torch.Tensor,
+        config: ImplicitPretrainedConfig,
     ) -> FixedPointResult | None:
         """One decode token through `DecodeGraphs` (None: this shape runs eagerly)."""
         if getattr(self, "_decode_graphs", None) is None:
@@ -432,15 +434,17 @@ class ImplicitBackboneMixin:
             stack_inputs,
             cache.states,
             torch.zeros_like(inputs_embeds) if start is None else start,
-            SolverSettings.from_config(self.config, training=False, mode="sequential"),
+            SolverSettings.from_config(config, training=False, mode="sequential"),
             capture=inputs_embeds.is_cuda,
             weights=tuple(parameter.data_ptr() for parameter in self.parameters()),
         )
 
-    def _warm_start(self, cache: ImplicitCache, stack_inputs: StackInputs) -> torch.Tensor | None:
+    def _warm_start(
+        self, cache: ImplicitCache, stack_inputs: StackInputs, config: ImplicitPretrainedConfig
+    ) -> torch.Tensor | None:
         """The previous token's fixed point when `config.warm_start` and the cache holds one; zero for padding (whose
         fixed point is zero), so a padded token still converges at once."""
-        if not (self.config.warm_start and self.config.implicit) or cache.fixed_point is None:
+        if not (config.warm_start and config.implicit) or cache.fixed_point is None:
             return None
         start = cache.fixed_point
         if stack_inputs.padding_mask is not None:
@@ -498,6 +502,7 @@ class ImplicitBackboneMixin:
         return_dict: bool | None = None,
         past_key_values: ImplicitCache | None = None,
         noise_generator: torch.Generator | None = None,
+        solver_overrides: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> ImplicitModelOutput | tuple:
         """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument.
@@ -509,12 +514,18 @@ class ImplicitBackboneMixin:
         the sequence (attention rows padded with zeros for the keys a token cannot see). Training with
         `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones are the last's.
         `noise_generator` draws the noise of a model whose config turns the noise study on (Mamba2).
+        `solver_overrides` (`{"inference_mode": "sequential", "eval_max_iterations": 8, ...}`, see
+        `SOLVER_OVERRIDE_FIELDS`) sets how this call finds the fixed point, without changing `model.config`.
         """
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         if output_attentions is None:
             output_attentions = getattr(self.config, "output_attentions", False)
-        self.config.validate()
+        if solver_overrides:
+            config = self.config.with_overrides(solver_overrides)  # validated copy
+        else:
+            config = self.config
+            config.validate()
         self._validate_inputs(input_ids, inputs_embeds)
         passed_cache = cache_argument(cache, past_key_values)
         if passed_cache is not None and not isinstance(passed_cache, ImplicitCache):
@@ -542,9 +553,9 @@ class ImplicitBackboneMixin:
             stack_inputs = replace(stack_inputs, noise_generator=noise_generator)
         injection = self.injection(inputs_embeds) if self.config.implicit else None
 
-        if self._solve_mode(seq_len, passed_cache) == "simultaneous":
+        if self._solve_mode(seq_len, passed_cache, config) == "simultaneous":
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
-            result = self._solve(fn, inputs_embeds, "simultaneous")
+            result = self._solve(fn, inputs_embeds, "simultaneous", config)
             states, hidden_states, attentions = result.aux
             if cache is not None:
                 cache.commit(states, seq_len, fixed_point=result.z[:, -1:])
@@ -556,13 +567,13 @@ class ImplicitBackboneMixin:
             for t in range(seq_len):
                 token_injection = None if injection is None else injection[:, t : t + 1]
                 token_inputs = stack_inputs.token(t, past_len)
-                start = self._warm_start(cache, token_inputs)
+                start = self._warm_start(cache, token_inputs, config)
                 result = None
-                if seq_len == 1 and self._use_decode_graphs(inputs_embeds):
-                    result = self._solve_with_graph(token_injection, token_inputs, cache, start, inputs_embeds)
+                if seq_len == 1 and self._use_decode_graphs(inputs_embeds, config):
+                    result = self._solve_with_graph(token_injection, token_inputs, cache, start, inputs_embeds, config)
                 if result is None:
                     fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
-                    result = self._solve(fn, inputs_embeds[:, t : t + 1], "sequential", start)
+                    result = self._solve(fn, inputs_embeds[:, t : t + 1], "sequential", config, start)
                 states, token_hidden, token_attention = result.aux
                 cache.commit(states, 1, fixed_point=result.z)
                 outputs.append(result.z)
@@ -574,7 +585,7 @@ class ImplicitBackboneMixin:
             hidden_states = _join_tokens(token_hidden_states, dim=1)
             attentions = _join_token_attentions(token_attentions)
 
-        if not self.training:  # a training cap is part of the recipe (the bounded phase never converges)
+        if not self.training and config.early_stop:  # a training cap is part of the recipe; a fixed count is asked
             _warn_if_not_converged(stats)
         output = ImplicitModelOutput(
             last_hidden_state=hidden,
@@ -639,6 +650,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         return_dict: bool | None = None,
         past_key_values: ImplicitCache | None = None,
         noise_generator: torch.Generator | None = None,
+        solver_overrides: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> ImplicitCausalLMOutput | tuple:
         """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
@@ -653,6 +665,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
             output_attentions=output_attentions,
             return_dict=True,
             noise_generator=noise_generator,
+            solver_overrides=solver_overrides,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pin="torch==2.13.0"
-floor_tests=(tests/test_transformers_compat.py tests/test_transformers_outputs.py tests/test_config.py tests/test_modeling_common.py
+floor_tests=(tests/test_transformers_compat.py tests/test_transformers_outputs.py tests/test_solver_overrides.py tests/test_config.py tests/test_modeling_common.py
              tests/test_modeling_mamba2.py tests/test_modeling_llama.py tests/test_remote_code.py
              tests/test_bundled_models.py)
 

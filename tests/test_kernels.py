@@ -248,7 +248,7 @@ def graph_decoding(monkeypatch):
     """On a GPU, CUDA-graph decoding as users get it; on the CPU the same static-buffer path, run uncaptured."""
     if DEVICE == "cpu":
         monkeypatch.setattr(ImplicitBackboneMixin, "_use_decode_graphs",
-                            lambda self, embeds: self.config.cuda_graph_decoding and self.config.solver == "picard")
+                            lambda self, embeds, config: config.cuda_graph_decoding and config.solver == "picard")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -267,11 +267,12 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.monoid, self.wrong_from = st.get_monoid(group), wrong_from
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.config = type("Config", (), {"vocab_size": 64, "inference_mode": "simultaneous", "model_type": "oracle"})()
+        self.config = type("Config", (), {"vocab_size": 64, "inference_mode": "simultaneous",
+                                          "model_type": "implicit_mamba2", "implicit": False})()
         self.modes_seen = []
 
-    def forward(self, input_ids, use_cache=False):
-        self.modes_seen.append(self.config.inference_mode)
+    def forward(self, input_ids, use_cache=False, solver_overrides=None):
+        self.modes_seen.append((solver_overrides or {}).get("inference_mode", self.config.inference_mode))
         labels = self.monoid.running_product(input_ids.to(torch.uint8)).long()
         labels[:, self.wrong_from :] = (labels[:, self.wrong_from :] + 1) % self.monoid.size
         return type("Output", (), {"logits": torch.nn.functional.one_hot(labels, 64).float(), "solver_stats": None})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -12,6 +13,15 @@ STOP_MODES = ("rel", "abs")
 BACKWARDS = ("phantom", "unrolled")
 MODES = ("simultaneous", "sequential")
 STOP_RULES = ("per_sample", "torchdeq_reference", "standalone_reference")
+
+
+# The fields one call may override (`model(..., solver_overrides={...})`, also through `generate`): how the fixed point
+# is found, never what function is iterated.
+SOLVER_OVERRIDE_FIELDS = (
+    "max_iterations", "eval_max_iterations", "tolerance", "early_stop", "stop_mode", "damping", "solver",
+    "anderson_memory", "phantom_steps", "phantom_damping", "backward", "inference_mode", "prefill_mode", "warm_start",
+    "convergence_check_interval", "cuda_graph_decoding", "stop_rule",
+)
 
 
 def _require(condition: bool, field: str, value: Any, allowed: str) -> None:
@@ -52,6 +62,9 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         tolerance (`float`, defaults to 0.05): stop once the residual of a sample is below it. With
             `stop_mode="rel"` the residual is `||f(z) - z|| / ||z||`, with `"abs"` it is `||f(z) - z||`; norms are
             taken per sample (simultaneous mode: over the whole sequence; sequential mode: over the token).
+        early_stop (`bool`, defaults to `True`): stop a sample once its residual is below `tolerance`. `False` runs
+            exactly the cap (`max_iterations` / `eval_max_iterations`) iterations, e.g. the bounded phase of the
+            paper's curriculum or a fixed test-time budget; `converged` is then False (no test ran) and nothing warns.
         stop_mode (`str`, defaults to `"rel"`): `"rel"` or `"abs"`, see `tolerance`.
         damping (`float`, defaults to 0.8): step of the damped fixed-point update `z <- (1 - damping) z + damping f(z)`,
             in (0, 1]. It moves the iterates, not the fixed point. Also the mixing weight of Anderson acceleration.
@@ -120,6 +133,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     max_iterations: int = 24
     eval_max_iterations: int = 96
     tolerance: float = 0.05
+    early_stop: bool = True
     stop_mode: str = "rel"
     damping: float = 0.8
     solver: str = "picard"
@@ -146,6 +160,24 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         self.validate_fields()
         super().validate()
 
+    def with_overrides(self, overrides: dict[str, Any] | None) -> ImplicitPretrainedConfig:
+        """This config with one call's `solver_overrides` applied: a validated copy (this config is left as it is),
+        or this config itself when there are none. Raises `ValueError` for a field that cannot be overridden per call
+        (see `SOLVER_OVERRIDE_FIELDS`) or an invalid value."""
+        if not overrides:
+            return self
+        unknown = sorted(set(overrides) - set(SOLVER_OVERRIDE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"solver_overrides: {unknown} cannot be set per call; the overridable fields are "
+                f"{', '.join(SOLVER_OVERRIDE_FIELDS)}."
+            )
+        resolved = copy.copy(self)
+        for name, value in overrides.items():
+            setattr(resolved, name, value)
+        resolved.validate_fields()
+        return resolved
+
     def validate_fields(self) -> None:
         """Our own checks (family configurations extend them), each naming the field it rejects."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -153,7 +185,7 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "> 0")
         _require(self.initializer_range > 0, "initializer_range", self.initializer_range, "> 0")
         _require(isinstance(self.implicit, bool), "implicit", self.implicit, "True or False")
-        for name in ("warm_start", "cuda_graph_decoding"):
+        for name in ("warm_start", "cuda_graph_decoding", "early_stop"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("max_iterations", "eval_max_iterations", "anderson_memory", "convergence_check_interval"):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")

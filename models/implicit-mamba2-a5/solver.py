@@ -52,7 +52,8 @@ class SolverSettings:
         (see `ImplicitPretrainedConfig.stop_rule`). Training always runs our per-sample loop."""
         return cls(
             max_iterations=config.max_iterations if training else config.eval_max_iterations,
-            tolerance=float(config.tolerance),
+            # Without early stopping no residual (>= 0) is below 0 (the test is strict): exactly the cap runs.
+            tolerance=float(config.tolerance) if config.early_stop else 0.0,
             stop_mode=config.stop_mode,
             damping=float(config.damping),
             solver=config.solver,
