@@ -34,7 +34,6 @@ from modeling_implicit import (
     ImplicitMamba2Config,
     ImplicitMamba2ForCausalLM,
 )
-from training.curriculum import NO_EARLY_STOP
 
 FAMILIES = ("mamba2", "llama")
 BACKWARDS = ("phantom", "unrolled")
@@ -126,9 +125,7 @@ def measure_run(
     model: torch.nn.Module, input_ids: torch.Tensor, iterations: int, phantom_steps: int, backward: str
 ) -> tuple[int, int | None]:
     """Saved-for-backward bytes and peak RSS growth of one forward + backward with exactly `iterations` iterations."""
-    config = model.config
-    config.max_iterations, config.tolerance = iterations, NO_EARLY_STOP
-    config.phantom_steps, config.backward = phantom_steps, backward
+    overrides = dict(max_iterations=iterations, early_stop=False, phantom_steps=phantom_steps, backward=backward)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     counter = _SavedTensorCounter(parameters)
     rss = _PeakRss()
@@ -137,7 +134,7 @@ def measure_run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # stopping at the cap is the point
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-            outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+            outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False, solver_overrides=overrides)
         outputs.loss.backward()
     peak = rss.peak()
     done = outputs.solver_stats.iterations

@@ -98,10 +98,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens = tokenizer(args.prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        simultaneous = loaded(tokens, use_cache=False)
-        loaded.config.inference_mode = "sequential"
-        sequential = loaded(tokens, use_cache=False)
-        loaded.config.inference_mode = "simultaneous"
+        simultaneous = loaded(tokens, use_cache=False, solver_overrides={"inference_mode": "simultaneous"})
+        sequential = loaded(tokens, use_cache=False, solver_overrides={"inference_mode": "sequential"})
     gap = (simultaneous.logits - sequential.logits).abs().max().item()
     print(
         f"Duality on the prompt ({tokens.shape[1]} tokens): max |logit difference| simultaneous vs sequential = "
