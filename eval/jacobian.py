@@ -45,6 +45,7 @@ from eval.common import (
     solver_kwargs,
     write_json,
 )
+from modeling_implicit import CacheSnapshot
 from modeling_implicit.compat import output_cache
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def step_function(
     """One evaluation of the stack for `token` against a given SSM state, exactly as the solver sees it.
 
     Returns `step(z, h) -> (F(z, h), S(z, h))`: `F` is the fixed-point map (layer, final norm, injection; eq. 9)
-    and `S` the SSM state after the step (eq. 8), both from the model's own `_fixed_point_function`. `h` enters
+    and `S` the SSM state after the step (eq. 8), both from the model's own `fixed_point_function`. `h` enters
     through a cache built around it (the cache is only read), so autograd sees it. Also returns the token's
     embedding, which is `z` for an explicit model.
     """
@@ -146,13 +147,13 @@ def step_function(
     ids = torch.tensor([[token]], device=conv_states.device)
     with torch.no_grad():
         embeddings = backbone.get_input_embeddings()(ids)
-        injection = backbone.injection(embeddings) if model.config.implicit else None
-    stack_inputs = backbone._prepare_stack_inputs(None, None, embeddings, past_len=0)
 
     def step(z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = backbone.make_cache()
-        cache.states = (conv_states, h.view(ssm_shape))
-        fn = backbone._fixed_point_function(injection, stack_inputs, cache, return_states=True)
+        # One committed token stands for the context: the recurrent state, not the count, is what the step reads.
+        cache.restore(CacheSnapshot((conv_states, h.view(ssm_shape)), seen_tokens=1, fixed_point=None))
+        with torch.no_grad():  # the injection is a constant of the map: F is differentiated in z and h only
+            fn = backbone.fixed_point_function(ids, cache=cache)
         f, ((_, new_ssm_states), _, _) = fn(z.view_as(embeddings))  # per-layer states
         return f.reshape(-1), torch.stack(new_ssm_states, dim=1).reshape(-1)
 

@@ -24,6 +24,7 @@ from .modeling_implicit_mamba2 import (
     ImplicitMamba2PreTrainedModel,
 )
 from .modeling_implicit_utils import (
+    CacheSnapshot,
     ConvergenceWarning,
     ImplicitCache,
     ImplicitCausalLMOutput,
@@ -44,6 +45,7 @@ for _config, _model, _causal_lm in (
     _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "CacheSnapshot",
     "ConvergenceWarning",
     "ImplicitCache",
     "ImplicitCausalLMOutput",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -362,6 +363,29 @@ class ImplicitBackboneMixin:
         return StackInputs(
             None if attention_mask is None else attention_mask[:, -seq_len:], output_hidden_states=output_hidden_states
         )
+
+    def fixed_point_function(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ImplicitCache | None = None,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
+        """The map `f` the solver iterates for these new tokens, after the tokens committed in `cache` (only read):
+        `z (batch, seq_len, hidden_size) -> (f(z), (states, hidden_states, attentions))`, the input injected and
+        padding positions held at zero, built as `forward` builds it (the states are returned when a cache is given).
+        For analyses such as the Jacobian of `f` (`eval.jacobian`), tests, and solvers of one's own."""
+        self._validate_inputs(input_ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        past_len = 0 if cache is None else cache.get_seq_length()
+        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
+        stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
+        injection = self.injection(inputs_embeds) if self.config.implicit else None
+        return self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
 
     def _fixed_point_function(
         self,

@@ -18,11 +18,7 @@ def ids(batch=2, length=9, seed=0, vocab=64):
 
 def fixed_point_function(backbone, tokens, cache=None):
     """The backbone's f(z) for `tokens` (no padding), after the tokens in `cache`, as the solver sees it."""
-    embeddings = backbone.get_input_embeddings()(tokens)
-    past_len = 0 if cache is None else cache.get_seq_length()
-    inputs = backbone._prepare_stack_inputs(None, None, embeddings, past_len)
-    injection = backbone.injection(embeddings)
-    return backbone._fixed_point_function(injection, inputs, cache, return_states=cache is not None)
+    return backbone.fixed_point_function(tokens, cache=cache)
 
 
 @pytest.mark.parametrize("solver", ["picard", "anderson"])
