@@ -380,12 +380,31 @@ class ImplicitBackboneMixin:
         self._validate_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, seq_len = inputs_embeds.shape[:2]
         past_len = 0 if cache is None else cache.get_seq_length()
-        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
-        stack_inputs = self._prepare_stack_inputs(mask, position_ids, inputs_embeds, past_len)
-        injection = self.injection(inputs_embeds) if self.config.implicit else None
+        stack_inputs, injection = self._prepare_call(inputs_embeds, attention_mask, position_ids, past_len)
         return self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
+
+    def _prepare_call(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_len: int,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        noise_generator: torch.Generator | None = None,
+    ) -> tuple[StackInputs, torch.Tensor | None]:
+        """What every evaluation of the stack in one call shares: the stack inputs (validated mask, positions,
+        recording flags, noise generator) and the injected input (None for explicit models)."""
+        batch, seq_len = inputs_embeds.shape[:2]
+        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
+        stack_inputs = self._prepare_stack_inputs(
+            mask, position_ids, inputs_embeds, past_len, output_hidden_states, output_attentions
+        )
+        if noise_generator is not None:
+            stack_inputs = replace(stack_inputs, noise_generator=noise_generator)
+        injection = self.injection(inputs_embeds) if self.config.implicit else None
+        return stack_inputs, injection
 
     def _fixed_point_function(
         self,
@@ -562,20 +581,17 @@ class ImplicitBackboneMixin:
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, seq_len = inputs_embeds.shape[:2]
+        seq_len = inputs_embeds.shape[1]
         cache = passed_cache
         if use_cache and cache is None:
             cache = self.make_cache()
         past_len = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             cache.reserve(seq_len)
-        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
-        stack_inputs = self._prepare_stack_inputs(
-            mask, position_ids, inputs_embeds, past_len, bool(output_hidden_states), bool(output_attentions)
+        stack_inputs, injection = self._prepare_call(
+            inputs_embeds, attention_mask, position_ids, past_len, bool(output_hidden_states),
+            bool(output_attentions), noise_generator,
         )
-        if noise_generator is not None:
-            stack_inputs = replace(stack_inputs, noise_generator=noise_generator)
-        injection = self.injection(inputs_embeds) if self.config.implicit else None
 
         if self._solve_mode(seq_len, passed_cache, config) == "simultaneous":
             fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
