@@ -1,6 +1,6 @@
 """Time and peak memory of converting a full-size reference checkpoint (random-init weights in the reference layout).
 
-    python -m benchmarks.convert_reference_scale --preset mamba2-1.3b-implicit [--workdir DIR]
+    implicit-lm benchmark convert-reference-scale --preset mamba2-1.3b-implicit [--workdir DIR]
 
 Writes the reference-layout checkpoint with a helper (not timed), then runs the conversion CLI in a fresh process
 and reports its wall time and peak memory against the target of about 1.5x the checkpoint size. Memory is the
@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import psutil
-
-from conversion.presets import preset_reference_config
-from conversion.reference import write_reference_checkpoint
+from implicit_lm.conversion.presets import preset_reference_config
+from implicit_lm.conversion.reference import write_reference_checkpoint
 
 TARGET_RATIO = 1.5
 SAMPLE_SECONDS = 0.02
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         source, destination = Path(workdir) / "src", Path(workdir) / "dst"
         write_reference_checkpoint(preset_reference_config(args.preset), source, shards=4)
         checkpoint_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-        command = [sys.executable, "-m", "conversion.convert_reference", "--src", str(source), "--dst", str(destination)]
+        command = [sys.executable, "-m", "implicit_lm.conversion.convert_reference", "--src", str(source), "--dst", str(destination)]
         start = time.perf_counter()
         process = subprocess.Popen(command)
         sampler = TreeMemorySampler(process.pid)

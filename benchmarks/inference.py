@@ -1,6 +1,6 @@
 """How close implicit inference comes to its floor, measured side by side in one run (CPU or GPU).
 
-    python -m benchmarks.inference [--family mamba2] [--size 130m] [--device cpu] [--tolerance 1e-3]
+    implicit-lm benchmark inference [--family mamba2] [--size 130m] [--device cpu] [--tolerance 1e-3]
 
 An implicit token costs `iterations` evaluations of the layer stack; the floor is what the explicit model with the
 same weights pays for that many evaluations. Implicit and explicit runs alternate in `--repeats` rounds after a
@@ -247,7 +247,7 @@ def load_trained(path: str, device: str) -> tuple[Any, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).to(device).eval()
     tokens = None
     if (Path(path) / "stories.json").is_file():
-        from eval.stories import generate_stories
+        from implicit_lm.tasks.stories import generate_stories
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         texts = [story.text() for story in generate_stories(4, 8, 8, seed=7)]
@@ -286,7 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__,
+    parser = argparse.ArgumentParser(prog="implicit-lm benchmark inference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=("mamba2", "llama"), default="mamba2")
     parser.add_argument("--size", choices=tuple(SIZES), default="130m")

@@ -1,6 +1,6 @@
 """Memory of phantom-gradient training does not grow with the number of tape-free solver iterations.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.phantom_memory [--iterations 4 8 16 32] [--phantom-steps 4]
+    OMP_NUM_THREADS=1 implicit-lm benchmark phantom-memory [--iterations 4 8 16 32] [--phantom-steps 4]
 
 For a small random implicit Mamba2 and Llama in training mode, one forward (loss included) is run with exactly `s`
 solver iterations (`max_iterations=s` and a tolerance no residual falls below) for each `s`, with `backward="phantom"`

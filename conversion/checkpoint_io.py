@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -121,26 +117,3 @@ class CheckpointReader:
     def read(self, key: str) -> torch.Tensor:
         handle = self._handle(self._file_of[key])
         return handle.get_tensor(key) if self.format == "safetensors" else handle[key]
-
-
-@contextlib.contextmanager
-def atomic_output_dir(destination: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `destination`; on success it replaces `destination`, on any error it is
-    removed. An existing `destination` is kept unless `overwrite`, and is only removed once the new one is in place."""
-    destination = Path(destination).resolve()
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass --overwrite to replace it.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    backup = None
-    if destination.exists():
-        backup = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
-        destination.rename(backup)
-    staging.rename(destination)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

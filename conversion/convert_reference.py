@@ -1,9 +1,9 @@
 """Convert a reference checkpoint (any of the three public codebases' layouts) into a verified Hub repo folder.
 
-    python -m conversion.convert_reference --src SRC --dst DST [--dtype float32|bfloat16|float16]
+    implicit-lm convert --src SRC --dst DST [--dtype float32|bfloat16|float16]
         [--layout auto|torchdeq|noise-fork|standalone] [--drop-noise]
         [--tokenizer DIR_OR_ID] [--max-shard-size 2GB] [--overwrite]
-    python -m conversion.convert_reference --preset mamba2-1.3b-implicit --random-init --dst DST
+    implicit-lm convert --preset mamba2-1.3b-implicit --random-init --dst DST
 
 SRC holds the reference's nested `config.json` and its weights (`model.safetensors`, `pytorch_model.bin`, or sharded
 with an index). The layout (see `conversion.reference`) is detected from the keys and the config unless `--layout`
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.model_cards import render_model_card, validate_model_card
 from transformers import GenerationConfig
 
-from model_cards import render_model_card, validate_model_card
 from modeling_implicit import ImplicitPretrainedConfig
 
 from .checkpoint_io import CheckpointReader
@@ -40,7 +40,7 @@ from .reference import (
     plan_conversion,
 )
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("implicit_lm.conversion")
 
 
 def detect_preset(config: ImplicitPretrainedConfig) -> str | None:

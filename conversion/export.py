@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from implicit_lm.files import atomic_output
 from modeling_implicit import ImplicitPretrainedConfig
 
-from .checkpoint_io import atomic_output_dir
 from .reference import ConversionError, model_class
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def export_model(
     second copy: peak memory stays near one model.
     """
     expected = verification_logits(model)
-    with atomic_output_dir(destination, overwrite) as staging, tempfile.TemporaryDirectory() as workdir:
+    with atomic_output(destination, folder=True, overwrite=overwrite) as staging, tempfile.TemporaryDirectory() as workdir:
         if generation_config is not None:
             model.generation_config = generation_config
         model.save_pretrained(staging, max_shard_size=max_shard_size)

@@ -1,6 +1,6 @@
 """Import explicit pretrained weights into our models: as the explicit model, or as the start of an implicit one.
 
-    python -m conversion.import_pretrained --src SRC --dst DST [--implicit] [--dtype float32|bfloat16|float16]
+    implicit-lm import-pretrained --src SRC --dst DST [--implicit] [--dtype float32|bfloat16|float16]
         [--tokenizer DIR_OR_ID] [--max-shard-size 2GB] [--overwrite]
 
 SRC is a local folder holding a transformers `Mamba2ForCausalLM` or `LlamaForCausalLM` checkpoint, or an original
@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.model_cards import render_model_card, validate_model_card
 
-from model_cards import render_model_card, validate_model_card
 from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
 
 from .checkpoint_io import CheckpointReader
 from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
 from .reference import ConversionError
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("implicit_lm.conversion")
 
 _MAMBA2_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "head_dim", "expand", "n_groups",
                   "conv_kernel", "chunk_size", "use_bias", "use_conv_bias", "layer_norm_epsilon", "residual_in_fp32",

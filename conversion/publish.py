@@ -1,6 +1,6 @@
 """Publish a converted folder to the Hugging Face Hub in one commit, after validating it.
 
-    python -m conversion.publish --folder DST --repo-id ORG/NAME [--private] [--revision BRANCH]
+    implicit-lm publish --folder DST --repo-id ORG/NAME [--private] [--revision BRANCH]
         [--commit-message MSG] [--dry-run]
 
 Validation (also the whole of `--dry-run`, which needs no network): the config loads as one of our configs and has
@@ -18,12 +18,12 @@ import re
 import sys
 from pathlib import Path
 
+from implicit_lm.model_cards import validate_model_card
 from safetensors import safe_open
 
-from model_cards import validate_model_card
 from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("implicit_lm.conversion")
 
 _CONFIGS = {config.model_type: config for config in (ImplicitMamba2Config, ImplicitLlamaConfig)}
 HUB_FILE_LIMIT = 50 * 1000**3  # bytes; the Hub rejects larger files

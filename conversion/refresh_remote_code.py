@@ -1,6 +1,6 @@
 """Bring Hub-layout folders written by an earlier release up to this package's remote code.
 
-    python -m conversion.refresh_remote_code models/implicit-mamba2-a5 models/mamba2-4layer-a5
+    implicit-lm refresh-remote-code models/implicit-mamba2-a5 models/mamba2-4layer-a5
 
 Each folder is loaded with this package's classes and saved again: its modeling files and `config.json` (with the
 current `auto_map`) are rewritten, and every other file (weights, tokenizer, card, recorded figures) is kept as it
@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import modeling_implicit  # noqa: F401  (registers the configurations)
+from implicit_lm.files import atomic_output
 
-from .checkpoint_io import atomic_output_dir
 from .reference import ConversionError, model_class
 
 REWRITTEN = ("config.json",)
@@ -50,7 +50,7 @@ def refresh_remote_code(folder: str | Path) -> list[str]:
         if changed:
             raise ConversionError(f"{folder}: the weights do not survive a reload unchanged: {changed}")
         rewritten = [*REWRITTEN, *sorted(path.name for path in saved.glob("*.py"))]
-        with atomic_output_dir(folder, overwrite=True) as staging:
+        with atomic_output(folder, folder=True) as staging:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
             for stale in staging.glob("*.py"):
                 stale.unlink()

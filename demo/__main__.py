@@ -9,7 +9,7 @@
 
 Every model is loaded with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the remote code in
 each folder, not this package's classes). Figures go to `outputs/demo/` (`demo.json`, `state_tracking.png`).
-`python -m demo.random_model` is the former main job: a random-weight model through the same APIs.
+`implicit-lm demo-random` is the former main job: a random-weight model through the same APIs.
 """
 
 from __future__ import annotations
@@ -17,26 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.eval.state_tracking import format_table, length_generalization, plot_length_generalization
+from implicit_lm.eval.stats import SolverStatsRecorder
 
+from implicit_lm.files import write_json
+from implicit_lm.tasks.stories import generate_story
+from implicit_lm.tasks.word_problems import element_names, word_problem
+
+# The source checkout (an editable install): its models/ are the bundled models, outputs/ the default output folder.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval.common import SolverStatsRecorder, write_json  # noqa: E402
-from eval.state_tracking import (  # noqa: E402
-    element_names,
-    format_table,
-    length_generalization,
-    plot_length_generalization,
-    word_problem,
-)
-from eval.stories import generate_story  # noqa: E402
-
 STATE_TRACKING_MODELS = ("implicit-mamba2-a5", "mamba2-4layer-a5")
 STORY_MODEL = "implicit-mamba2-stories"
 # Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
@@ -48,7 +42,7 @@ def load_bundled(folder: Path) -> Any:
 
     if not (folder / "config.json").is_file():
         raise SystemExit(f"error: {folder} is not a model folder; the bundled models live in models/ of the repo "
-                         "(python -m training.state_tracking_experiment / stories_experiment --bundle-dir models "
+                         "(implicit-lm experiment state-tracking / stories_experiment --bundle-dir models "
                          "rebuild them)")
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
@@ -140,7 +134,7 @@ def stories(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="implicit-lm demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models", help="the bundled models (models/)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "demo")
@@ -165,6 +159,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    missing = [name for name in (*STATE_TRACKING_MODELS, STORY_MODEL) if not (args.models_dir / name).is_dir()]
+    if missing:
+        raise SystemExit(f"The bundled models {missing} are not in {args.models_dir}; run the demo from a checkout of "
+                         "implicit-lm (its models/ folder) or pass --models-dir.")
     torch.manual_seed(0)
     start = time.perf_counter()
     payload = {"state_tracking": state_tracking(args), "stories": stories(args)}

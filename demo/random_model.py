@@ -1,26 +1,24 @@
 """A freshly initialised implicit Mamba2 (or, with `--family llama`, implicit Llama) end to end through transformers.
 
-`python -m demo.random_model` builds a small implicit model with RANDOM weights and a byte-level tokenizer, saves
+`implicit-lm demo-random` builds a small implicit model with RANDOM weights and a byte-level tokenizer, saves
 them as a Hub-layout folder (config with auto_map, safetensors, remote code, tokenizer), reloads the folder with
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, checks that the simultaneous and sequential
 modes agree, and generates with `pipeline("text-generation")`, reporting how many solver iterations each generated
 token took. The text is noise (the weights are untrained); the folder is a byte-level model any eval command can
-read (docs/EVALUATION.md). The main job, `python -m demo`, runs the trained bundled models instead.
+read (docs/EVALUATION.md). The main job, `implicit-lm demo`, runs the trained bundled models instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import modeling_implicit as mi
 
-import modeling_implicit as mi  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout: outputs/ goes there
 
 
 def byte_level_tokenizer():
@@ -64,7 +62,7 @@ def build_random_model(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m demo.random_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm demo-random", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--prompt", default="Implicit language models are")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM, pipeline
 
-    print("NOTE: this model has RANDOM weights, so its text is noise (python -m demo runs the trained models).")
+    print("NOTE: this model has RANDOM weights, so its text is noise (implicit-lm demo runs the trained models).")
     tokenizer = byte_level_tokenizer()
     model = build_random_model(tokenizer, args)
     model.generation_config.max_new_tokens = args.max_new_tokens

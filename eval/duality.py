@@ -1,6 +1,6 @@
 """Duality of the two modes: next-token predictions of the simultaneous and the sequential mode on the same inputs.
 
-    python -m eval.duality --model DIR --data FILE --seq-len 256 [--max-sequences 16] [--output-dir DIR]
+    implicit-lm eval duality --model DIR --data FILE --seq-len 256 [--max-sequences 16] [--output-dir DIR]
 
 A model trained in the simultaneous mode (all tokens iterate together) is run again in the sequential mode (token by
 token, each solved to convergence before its state is committed), on identical packed rows. Reports the greedy
@@ -19,28 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.eval.arguments import add_data_arguments, add_model_arguments, load_rows, solver_overrides
+from implicit_lm.eval.plots import new_figure, save_figure
+from implicit_lm.eval.stats import SolverStatsRecorder
 from tqdm.auto import tqdm
 
-from .common import (
-    EvalError,
-    SolverStatsRecorder,
-    add_data_arguments,
-    add_model_arguments,
-    check_positive,
-    is_implicit,
-    load_model,
-    load_rows,
-    new_figure,
-    run_cli,
-    run_metadata,
-    save_figure,
-    solver_kwargs,
-    solver_overrides,
-    write_json,
-)
+from implicit_lm.cli import InputError, check_positive, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import is_implicit, load_model, solver_kwargs
+from implicit_lm.provenance import run_metadata
+from modeling_implicit.configuration_implicit import MODES
+
 from .perplexity import next_token_nll
 
-MODES = ("simultaneous", "sequential")
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 
@@ -87,7 +78,7 @@ def plot(differences: torch.Tensor, match_rate: float, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.duality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm eval duality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
     add_data_arguments(parser, seq_len=256)
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, overrides=solver_overrides(args))
     if not is_implicit(model):
-        raise EvalError(f"{args.model} is not an implicit model: it has a single mode, there is no duality to measure")
+        raise InputError(f"{args.model} is not an implicit model: it has a single mode, there is no duality to measure")
     rows = load_rows(args, model, tokenizer)
 
     predictions: dict[str, list[torch.Tensor]] = {mode: [] for mode in MODES}

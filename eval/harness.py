@@ -1,7 +1,7 @@
 """Run lm-eval tasks on a model and report the solver statistics of each task next to its metrics.
 
-    python -m eval.harness --model PATH --tasks paper --batch-size 16 --output harness.json
-    python -m eval.harness --model PATH --tasks local --limit 8 --eval-max-iterations 24
+    implicit-lm eval harness --model PATH --tasks paper --batch-size 16 --output harness.json
+    implicit-lm eval harness --model PATH --tasks local --limit 8 --eval-max-iterations 24
 
 `--tasks` takes lm-eval task, group or tag names, `paper` (the seven zero-shot tasks of the paper) and `local` (the
 offline tasks shipped in `eval/tasks/`, one per request type). The model is loaded once with `trust_remote_code` and
@@ -20,17 +20,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    EvalError,
-    SolverStatsRecorder,
-    add_model_arguments,
-    is_implicit,
-    load_model,
-    run_cli,
-    run_metadata,
-    solver_overrides,
-    write_json,
-)
+from implicit_lm.eval.arguments import add_model_arguments, solver_overrides
+from implicit_lm.eval.stats import SolverStatsRecorder
+
+from implicit_lm.cli import InputError, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import is_implicit, load_model
+from implicit_lm.provenance import run_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +44,7 @@ def _drop_local_dataset_hint(record: logging.LogRecord) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.harness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm eval harness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -90,7 +86,7 @@ def expand_task_names(spec: str) -> list[str]:
             if expanded not in names:
                 names.append(expanded)
     if not names:
-        raise EvalError(f"--tasks {spec!r} names no task")
+        raise InputError(f"--tasks {spec!r} names no task")
     return names
 
 
@@ -101,7 +97,7 @@ def task_manager_for(names: list[str], include_paths: list[str]) -> Any:
 
     for path in include_paths:
         if not Path(path).is_dir():
-            raise EvalError(f"--include-path {path} is not a folder")
+            raise InputError(f"--include-path {path} is not a folder")
     paths = [str(LOCAL_TASKS_DIR), *include_paths]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if all(name in manager.all_tasks for name in names):
@@ -113,7 +109,7 @@ def task_manager_for(names: list[str], include_paths: list[str]) -> Any:
         for name in unknown:
             close = difflib.get_close_matches(name, manager.all_tasks, n=5)
             hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise EvalError(
+        raise InputError(
             f"Unknown task{'s' if len(hints) > 1 else ''} {'; '.join(hints)}. "
             f"Local tasks: {', '.join(LOCAL_TASKS)} (group implicit_local); aliases: paper, local; "
             "`lm_eval ls tasks` lists lm-eval's tasks."
@@ -129,11 +125,11 @@ def load_tasks(manager: Any, names: list[str]) -> dict[str, list[Any]]:
         try:
             loaded = manager.load([name])
         except Exception as error:  # typically a dataset that is neither cached nor downloadable (offline)
-            raise EvalError(f"Cannot load task {name!r}: {type(error).__name__}: {error}") from error
+            raise InputError(f"Cannot load task {name!r}: {type(error).__name__}: {error}") from error
         # Each name runs on its own, so a task in two of them would run twice and have two results.
         for task in loaded["tasks"]:
             if task in requested_by:
-                raise EvalError(f"Task {task!r} is requested twice, by {requested_by[task]!r} and by {name!r}")
+                raise InputError(f"Task {task!r} is requested twice, by {requested_by[task]!r} and by {name!r}")
             requested_by[task] = name
         loaded_by_name[name] = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
     return loaded_by_name
@@ -198,15 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     names = expand_task_names(args.tasks)
     if args.limit is not None and args.limit <= 0:
-        raise EvalError(f"--limit {args.limit:g}: must be positive")
+        raise InputError(f"--limit {args.limit:g}: must be positive")
     if args.batch_size < 1:
-        raise EvalError(f"--batch-size {args.batch_size}: must be at least 1")
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError as error:
-        raise EvalError(f"lm-eval is not installed ({error}): pip install 'implicit-lm[eval]'") from error
+        raise InputError(f"lm-eval is not installed ({error}): pip install 'implicit-lm[eval]'") from error
 
     logging.getLogger("lm_eval.api.task").addFilter(_drop_local_dataset_hint)
     manager = task_manager_for(names, args.include_path)
@@ -214,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     specs = load_tasks(manager, names)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, overrides=solver_overrides(args))
     if tokenizer is None:
-        raise EvalError(f"{args.model} has no tokenizer files; lm-eval tasks are text")
+        raise InputError(f"{args.model} has no tokenizer files; lm-eval tasks are text")
     # lm-eval bounds generation with `max_length` (context + max_gen_toks); a `max_new_tokens` saved in the model's
     # generation config would take precedence over it and generate past the task's limit.
     model.generation_config.max_new_tokens = None

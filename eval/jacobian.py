@@ -28,23 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.eval.arguments import add_model_arguments
+from implicit_lm.eval.plots import new_figure, save_figure
 from torch.autograd.functional import jacobian
 
-from eval.common import (
-    DTYPES,
-    EvalError,
-    add_model_arguments,
-    check_positive,
-    check_token_range,
-    load_model,
-    model_fields,
-    new_figure,
-    run_cli,
-    run_metadata,
-    save_figure,
-    solver_kwargs,
-    write_json,
-)
+from implicit_lm.cli import InputError, check_positive, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import DTYPES, load_model, model_fields, solver_kwargs
+from implicit_lm.provenance import run_metadata
+from implicit_lm.tokens import check_token_range
 from modeling_implicit import CacheSnapshot
 from modeling_implicit.compat import output_cache
 
@@ -100,17 +92,17 @@ def check_model(model: torch.nn.Module) -> None:
     """Theorem 1 is about one implicit SSM layer: refuse anything else with a clear message."""
     config = model.config
     if config.model_type != "implicit_mamba2":
-        raise EvalError(
+        raise InputError(
             f"model_type {config.model_type!r}: the state-to-state Jacobian needs an implicit Mamba2 "
             "(model_type 'implicit_mamba2'), whose recurrent state is the SSM state h of Theorem 1"
         )
     if not config.implicit:
-        raise EvalError(
+        raise InputError(
             "the model is explicit (implicit=False): pass an implicit Mamba2; the explicit transition of the same "
             "weights is computed for contrast"
         )
     if config.num_hidden_layers != 1:
-        raise EvalError(
+        raise InputError(
             f"the model has {config.num_hidden_layers} layers; eq. (10) is stated for one implicit SSM layer (with "
             "more, a layer's decay and input also depend on the states of the layers below it at the same step, "
             "and even the explicit transition is not diagonal): pass a model with num_hidden_layers=1"
@@ -128,7 +120,7 @@ def context_states(
                 input_ids=context, use_cache=True, **solver_kwargs(model, inference_mode="sequential", **overrides)
             )
         except FloatingPointError as error:  # the model's SolverDivergenceError
-            raise EvalError(f"solving the context diverged: {error}") from error
+            raise InputError(f"solving the context diverged: {error}") from error
     stats = output.solver_stats
     return output_cache(output).states, [] if stats is None else stats.iterations.flatten().tolist()
 
@@ -172,11 +164,11 @@ def iterate_to_fixed_point(
         f = step(z, h)[0]
         residual = ((f - z).norm() / z.norm()).item() if iteration > 1 else math.inf  # z = 0 has no relative change
         if iteration > 1 and not math.isfinite(residual):
-            raise EvalError(f"the fixed-point iteration diverged at iteration {iteration}; try a smaller --damping")
+            raise InputError(f"the fixed-point iteration diverged at iteration {iteration}; try a smaller --damping")
         if residual < tolerance:
             return f, iteration, residual
         z = (1 - damping) * z + damping * f
-    raise EvalError(
+    raise InputError(
         f"the last token did not converge in {max_iterations} iterations (residual {residual:.3g} >= --tolerance "
         f"{tolerance:g}); raise --max-iterations, loosen --tolerance or lower --damping"
     )
@@ -381,13 +373,13 @@ def parse_tokens(text: str) -> torch.Tensor:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise EvalError(f"--tokens {text!r}: expected comma-separated integer token ids, e.g. 3,17,5") from None
+        raise InputError(f"--tokens {text!r}: expected comma-separated integer token ids, e.g. 3,17,5") from None
     return torch.tensor(ids, dtype=torch.long)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.jacobian", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm eval jacobian", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser, solver_flags=False, model_required=False)  # or --random-init, checked in `main`
     parser.set_defaults(dtype="float64")
@@ -414,15 +406,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     check_positive(parser, args, "max_iterations")
     if (args.model is None) == (not args.random_init):
-        raise EvalError("pass exactly one of --model PATH and --random-init")
+        raise InputError("pass exactly one of --model PATH and --random-init")
     dtype = DTYPES[args.dtype]
     if dtype not in DEFAULT_TOLERANCE:
-        raise EvalError(f"--dtype {args.dtype}: the Jacobians need float64 (recommended) or float32")
+        raise InputError(f"--dtype {args.dtype}: the Jacobians need float64 (recommended) or float32")
     tolerance = DEFAULT_TOLERANCE[dtype] if args.tolerance is None else args.tolerance
     if not tolerance > 0:
-        raise EvalError(f"--tolerance {tolerance}: must be > 0")
+        raise InputError(f"--tolerance {tolerance}: must be > 0")
     if not 0 < args.damping <= 1:
-        raise EvalError(f"--damping {args.damping}: must be in (0, 1]")
+        raise InputError(f"--damping {args.damping}: must be in (0, 1]")
 
     if args.random_init:
         model = figure7_model(args.seed, dtype).to(args.device)
@@ -437,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens = torch.randint(model.config.vocab_size, (args.length,), generator=generator)
         source = "--length"
     if tokens.numel() < 2:
-        raise EvalError(f"{source}: need at least 2 tokens (a context for h_(t-1), then the measured token)")
+        raise InputError(f"{source}: need at least 2 tokens (a context for h_(t-1), then the measured token)")
     check_token_range(tokens, model.config.vocab_size, source)
 
     result = compute_jacobians(model, tokens, tolerance, args.max_iterations, args.damping)

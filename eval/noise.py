@@ -1,7 +1,7 @@
 """Robustness to analog noise: a state-tracking model's accuracy and solver iterations against the signal-to-noise
 ratio of the noise study (the markschoene/implicit_languagemodels fork), at small scale.
 
-    python -m eval.noise --model models/implicit-mamba2-a5 --snr-db 40,30,20,10,5 --output-dir outputs/noise
+    implicit-lm eval noise --model models/implicit-mamba2-a5 --snr-db 40,30,20,10,5 --output-dir outputs/noise
 
 Each setting adds Gaussian noise at the same SNR to every mixer input at every solver iteration (latent noise) and to
 the committed states once per token (state noise), in sequential mode (see `ImplicitMamba2Config`), additive and
@@ -17,22 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.eval.arguments import add_model_arguments
+from implicit_lm.eval.plots import new_figure, save_figure
+from implicit_lm.eval.state_tracking import length_generalization
 from tqdm.auto import tqdm
 
-from .common import (
-    EvalError,
-    add_model_arguments,
-    load_model,
-    model_fields,
-    new_figure,
-    run_cli,
-    run_metadata,
-    save_figure,
-    write_json,
-)
-from .state_tracking import GROUPS, length_generalization
-
-NOISE_MODES = ("additive", "multiplicative")
+from implicit_lm.cli import InputError, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import load_model, model_fields
+from implicit_lm.provenance import run_metadata
+from implicit_lm.tasks.word_problems import GROUPS
+from modeling_implicit.configuration_implicit_mamba2 import NOISE_MODES
 
 
 def noise_sweep(
@@ -95,17 +90,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         snr_db = [float(part) for part in args.snr_db.split(",")]
     except ValueError as error:
-        raise EvalError(f"--snr-db must be comma-separated numbers, got {args.snr_db!r}") from error
+        raise InputError(f"--snr-db must be comma-separated numbers, got {args.snr_db!r}") from error
     modes = args.modes.split(",")
     if min(snr_db) <= 0:
-        raise EvalError(f"--snr-db values must be > 0 (0 dB means no noise), got {args.snr_db}")
+        raise InputError(f"--snr-db values must be > 0 (0 dB means no noise), got {args.snr_db}")
     if set(modes) - set(NOISE_MODES):
-        raise EvalError(f"--modes must be among {NOISE_MODES}, got {args.modes!r}")
+        raise InputError(f"--modes must be among {NOISE_MODES}, got {args.modes!r}")
     if args.length < 2 or args.samples < 1:
-        raise EvalError("--length must be >= 2 (the first token takes no noisy step) and --samples positive")
+        raise InputError("--length must be >= 2 (the first token takes no noisy step) and --samples positive")
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     if not hasattr(model.config, "noise_mode"):
-        raise EvalError(f"{args.model} is a {model.config.model_type!r} model: the noise study is for Mamba2 models")
+        raise InputError(f"{args.model} is a {model.config.model_type!r} model: the noise study is for Mamba2 models")
     rows = noise_sweep(model, args.group, args.length, args.samples, snr_db, modes, args.seed)
     payload = {"results": rows, "metadata": run_metadata(args, model)}
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Perplexity on a text/JSONL/token file, with per-position buckets for length-extrapolation curves.
 
-    python -m eval.perplexity --model DIR --data FILE --seq-len 2048 [--train-length 512] [--bucket-size 128]
+    implicit-lm eval perplexity --model DIR --data FILE --seq-len 2048 [--train-length 512] [--bucket-size 128]
         [--inference-mode sequential] [--output-dir DIR]
 
 The data is tokenized, concatenated and packed into rows of `--seq-len` tokens. Every position's next-token loss is
@@ -26,26 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from implicit_lm.eval.arguments import add_data_arguments, add_model_arguments, load_rows, solver_overrides
+from implicit_lm.eval.plots import new_figure, save_figure
+from implicit_lm.eval.stats import SolverStatsRecorder
 from tqdm.auto import tqdm
 
+from implicit_lm.cli import check_positive, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import is_implicit, load_model, solver_kwargs
+from implicit_lm.provenance import run_metadata
 from modeling_implicit.compat import cache_field, output_cache
-
-from .common import (
-    SolverStatsRecorder,
-    add_data_arguments,
-    add_model_arguments,
-    check_positive,
-    is_implicit,
-    load_model,
-    load_rows,
-    new_figure,
-    run_cli,
-    run_metadata,
-    save_figure,
-    solver_kwargs,
-    solver_overrides,
-    write_json,
-)
 
 EXTRAPOLATION_FACTORS = (1, 2, 4, 8)
 
@@ -128,7 +118,7 @@ def plot(buckets: list[dict[str, Any]], train_length: int | None, title: str, pa
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.perplexity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm eval perplexity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
     add_data_arguments(parser, seq_len=2048)

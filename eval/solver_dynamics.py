@@ -1,7 +1,7 @@
 """Solver dynamics: iterations and final relative residuals (the paper's Table 6), and the test-time compute curve
 (next-token accuracy and perplexity against the iteration cap, Figure 1 centre).
 
-    python -m eval.solver_dynamics --model DIR --data FILE --seq-len 256 [--modes simultaneous,sequential]
+    implicit-lm eval solver-dynamics --model DIR --data FILE --seq-len 256 [--modes simultaneous,sequential]
         [--iteration-caps 1,2,4,8,16,32,64] [--output-dir DIR]
 
 Part 1 solves every row in each of `--modes` with the model's solver settings (or the overrides) and reports the
@@ -24,28 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from implicit_lm.eval.arguments import add_data_arguments, add_model_arguments, load_rows, solver_overrides
+from implicit_lm.eval.plots import new_figure, save_figure
+from implicit_lm.eval.stats import SolverStatsRecorder
 from tqdm.auto import tqdm
 
-from .common import (
-    EvalError,
-    SolverStatsRecorder,
-    add_data_arguments,
-    add_model_arguments,
-    check_positive,
-    is_implicit,
-    load_model,
-    load_rows,
-    new_figure,
-    run_cli,
-    run_metadata,
-    save_figure,
-    solver_kwargs,
-    solver_overrides,
-    write_json,
-)
+from implicit_lm.cli import InputError, check_positive, run_cli
+from implicit_lm.files import write_json
+from implicit_lm.models import is_implicit, load_model, solver_kwargs
+from implicit_lm.provenance import run_metadata
+from modeling_implicit.configuration_implicit import MODES
+
 from .perplexity import next_token_nll
 
-MODES = ("simultaneous", "sequential")
 DEFAULT_CAPS = "1,2,4,8,16,32,64"
 
 
@@ -125,7 +116,7 @@ def parse_modes(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.solver_dynamics", description=__doc__,
+        prog="implicit-lm eval solver-dynamics", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
@@ -149,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, overrides=solver_overrides(args))
     if not is_implicit(model):
-        raise EvalError(f"{args.model} is not an implicit model: it runs no solver")
+        raise InputError(f"{args.model} is not an implicit model: it runs no solver")
     relative = {"stop_mode": "rel"}  # Table 6 reports relative residuals; the tolerance then is relative as well
     rows = load_rows(args, model, tokenizer)
 

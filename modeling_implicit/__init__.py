@@ -33,6 +33,9 @@ from .modeling_implicit_utils import (
 )
 from .solver import SolverDivergenceError, SolverSettings, SolverStats, solve_fixed_point
 
+# The `model_type` of every implicit family (what tools use to tell our models from other transformers models).
+IMPLICIT_MODEL_TYPES = (ImplicitMamba2Config.model_type, ImplicitLlamaConfig.model_type)
+
 for _config, _model, _causal_lm in (
     (ImplicitMamba2Config, ImplicitMamba2Model, ImplicitMamba2ForCausalLM),
     (ImplicitLlamaConfig, ImplicitLlamaModel, ImplicitLlamaForCausalLM),
@@ -45,6 +48,7 @@ for _config, _model, _causal_lm in (
     _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "IMPLICIT_MODEL_TYPES",
     "CacheSnapshot",
     "ConvergenceWarning",
     "ImplicitCache",

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels run in its interpreter on the CPU (read when the kernels are defined, so before any import of them).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import modeling_implicit as mi  # noqa: E402  (after the path and offline setup)
+import modeling_implicit as mi  # noqa: E402  (after the offline and interpreter setup)
 
 
 def tiny_mamba2_config(**overrides) -> mi.ImplicitMamba2Config:

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from benchmarks import inference
+from implicit_lm.benchmarks import inference
 
 
 @pytest.mark.parametrize("family", ["mamba2", "llama"])

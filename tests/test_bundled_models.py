@@ -13,8 +13,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-
-from model_cards import validate_model_card
+from implicit_lm.model_cards import validate_model_card
 
 MODELS = ROOT / "models"
 STATE_TRACKING = ("implicit-mamba2-a5", "mamba2-4layer-a5")
@@ -88,9 +87,8 @@ def test_models_stay_small():
 
 @pytest.mark.parametrize("name", STATE_TRACKING)
 def test_state_tracking_models_load_as_remote_code_and_generate(name):
+    from implicit_lm.tasks.word_problems import element_names, word_problem
     from transformers import pipeline
-
-    from eval.state_tracking import element_names, word_problem
 
     model = load(name)
     generator = pipeline("text-generation", model=str(MODELS / name), trust_remote_code=True)
@@ -109,9 +107,8 @@ def test_state_tracking_models_load_as_remote_code_and_generate(name):
 def test_the_pipeline_reads_a_long_prompt_as_the_rnn():
     """generate() solves the prompt per `prefill_mode` (sequential for the bundled implicit models): products of 200
     permutations come out right, far past the simultaneous mode's iteration cap."""
+    from implicit_lm.tasks.word_problems import element_names, word_problem
     from transformers import pipeline
-
-    from eval.state_tracking import element_names, word_problem
 
     generator = pipeline("text-generation", model=str(MODELS / STATE_TRACKING[0]), trust_remote_code=True)
     tokens, labels = word_problem("A5", 5, 200, FRESH_SEED)
@@ -123,7 +120,7 @@ def test_the_pipeline_reads_a_long_prompt_as_the_rnn():
 
 
 def test_implicit_state_tracking_model_reaches_its_recorded_accuracy():
-    from eval.state_tracking import length_generalization
+    from implicit_lm.eval.state_tracking import length_generalization
 
     recorded = json.loads((MODELS / "implicit-mamba2-a5" / "state_tracking.json").read_text())
     assert recorded["train_length"] == 32
@@ -135,7 +132,7 @@ def test_implicit_state_tracking_model_reaches_its_recorded_accuracy():
 
 
 def test_explicit_baseline_stays_far_below():
-    from eval.state_tracking import length_generalization
+    from implicit_lm.eval.state_tracking import length_generalization
 
     recorded = json.loads((MODELS / "mamba2-4layer-a5" / "state_tracking.json").read_text())
     implicit = json.loads((MODELS / "implicit-mamba2-a5" / "state_tracking.json").read_text())
@@ -147,9 +144,8 @@ def test_explicit_baseline_stays_far_below():
 
 
 def test_story_lm_reaches_its_recorded_accuracy():
+    from implicit_lm.eval.stories import answer_accuracy
     from transformers import AutoTokenizer
-
-    from eval.stories import answer_accuracy
 
     recorded = json.loads((MODELS / STORIES / "stories.json").read_text())
     model, tokenizer = load(STORIES), AutoTokenizer.from_pretrained(MODELS / STORIES)
@@ -160,9 +156,8 @@ def test_story_lm_reaches_its_recorded_accuracy():
 
 
 def test_story_lm_answers_through_the_pipeline():
+    from implicit_lm.tasks.stories import ROOMS, generate_story
     from transformers import pipeline
-
-    from eval.stories import ROOMS, generate_story
 
     generator = pipeline("text-generation", model=str(MODELS / STORIES), trust_remote_code=True)
     rng = random.Random(FRESH_SEED)

@@ -5,13 +5,10 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-
-from conversion import convert_reference, import_pretrained, publish
-from conversion.export import verification_logits
-from conversion.presets import PRESETS, preset_reference_config
-from conversion.reference import (
+from implicit_lm.conversion import convert_reference, import_pretrained, publish
+from implicit_lm.conversion.export import verification_logits
+from implicit_lm.conversion.presets import PRESETS, preset_reference_config
+from implicit_lm.conversion.reference import (
     ConversionError,
     WeightNormSettings,
     config_from_reference,
@@ -19,6 +16,8 @@ from conversion.reference import (
     model_class,
     write_reference_checkpoint,
 )
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 VARIANTS = [f"{family}-{variant}" for family in ("mamba2", "llama") for variant in ("explicit", "implicit", "pretrain")]
 
@@ -130,13 +129,13 @@ def test_failed_or_interrupted_conversion_leaves_no_half_written_output(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("conversion.export._reload_logits", interrupted)
+    monkeypatch.setattr("implicit_lm.conversion.export._reload_logits", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_convert("--src", str(tmp_path / "src"), "--dst", str(dst), "--overwrite")
     assert {p.name: p.stat().st_mtime_ns for p in dst.iterdir()} == before  # the old output is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging folder left behind
 
-    monkeypatch.setattr("conversion.export._reload_logits", lambda *a, **k: torch.full((1, 8, 61), 1e3))
+    monkeypatch.setattr("implicit_lm.conversion.export._reload_logits", lambda *a, **k: torch.full((1, 8, 61), 1e3))
     with pytest.raises(RuntimeError, match="differs from the source"):
         run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()

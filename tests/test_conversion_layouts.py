@@ -10,19 +10,18 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_conversion import run_convert, tiny_reference
-from torch import nn
-from transformers import AutoModelForCausalLM
-
-from conversion.export import verification_logits
-from conversion.reference import (
+from implicit_lm.conversion.export import verification_logits
+from implicit_lm.conversion.reference import (
     ConversionError,
     config_from_reference,
     detect_layout,
     model_class,
     write_reference_checkpoint,
 )
+from safetensors.torch import load_file, save_file
+from test_conversion import run_convert, tiny_reference
+from torch import nn
+from transformers import AutoModelForCausalLM
 
 # Our parameter names -> the standalone code's (implicit_llm: `word_emb`, `backbone.*`; tied head not saved).
 STANDALONE_NAMES = {

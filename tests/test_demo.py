@@ -1,8 +1,8 @@
-"""`python -m demo.random_model` runs end to end for both families."""
+"""`implicit-lm demo-random` runs end to end for both families."""
 
 import json
 
-from demo.random_model import main
+from implicit_lm.demo.random_model import main
 
 
 def test_main_job_runs_end_to_end(tmp_path, family, capsys):

@@ -1,4 +1,4 @@
-"""`python -m eval.harness`: lm-eval on the tiny saved models over the offline local tasks (every request type)."""
+"""`implicit-lm eval harness`: lm-eval on the tiny saved models over the offline local tasks (every request type)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import ROOT
 
 pytest.importorskip("lm_eval")
 
-from eval.harness import LOCAL_TASKS, LOCAL_TASKS_DIR, PAPER_TASKS, expand_task_names, main  # noqa: E402
+from implicit_lm.eval.harness import LOCAL_TASKS, LOCAL_TASKS_DIR, PAPER_TASKS, expand_task_names, main  # noqa: E402
 
 CAP = 6  # --eval-max-iterations in these tests: the random models need more, so the cap is reached
 pytestmark = pytest.mark.filterwarnings("ignore:Fixed-point solver did not converge")
@@ -50,7 +50,7 @@ def test_task_aliases():
 
 def test_help():
     result = subprocess.run(
-        [sys.executable, "-m", "eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "implicit_lm.eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0
     assert "--tasks" in result.stdout and "--eval-max-iterations" in result.stdout and "lambada_openai" in result.stdout

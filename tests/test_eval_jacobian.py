@@ -1,4 +1,4 @@
-"""`python -m eval.jacobian`: eq. (10) of Theorem 1 against autograd through the fixed-point iteration."""
+"""`implicit-lm eval jacobian`: eq. (10) of Theorem 1 against autograd through the fixed-point iteration."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_mamba2
-
-from eval import jacobian
+from implicit_lm.eval import jacobian
 
 TOKENS = "3,17,5,21"  # three context tokens, then the measured one
 TINY = dict(num_hidden_layers=1, hidden_size=16, head_dim=4, state_size=2, n_groups=1, vocab_size=32)  # 8 heads
@@ -143,7 +142,7 @@ def test_bad_input_exits_2(arguments, message, one_layer, saved_models, explicit
 
 def test_help():
     result = subprocess.run(
-        [sys.executable, "-m", "eval.jacobian", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "implicit_lm.eval.jacobian", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--model", "--random-init", "--tokens", "--length", "--tolerance", "--output-dir"):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, ROOT, build_tokenizer
-
-from eval import duality, perplexity, solver_dynamics
+from implicit_lm.eval import duality, perplexity, solver_dynamics
 
 WORDS = "the implicit model iterates its layers to a fixed point mary went to the kitchen and john".split()
 
@@ -205,6 +204,6 @@ def test_solver_dynamics_bad_input(tmp_path, saved_models, explicit_baseline, te
 
 @pytest.mark.parametrize("module", ["perplexity", "duality", "solver_dynamics"])
 def test_help_runs_as_a_module(module):
-    result = subprocess.run([sys.executable, "-m", f"eval.{module}", "--help"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", f"implicit_lm.eval.{module}", "--help"], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     assert "--model" in result.stdout and "--data" in result.stdout

@@ -6,8 +6,7 @@ import json
 
 import pytest
 from conftest import ROOT
-
-from eval import noise
+from implicit_lm.eval import noise
 
 MODEL = str(ROOT / "models" / "implicit-mamba2-a5")
 

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-
-from model_cards import validate_model_card
+from implicit_lm.model_cards import validate_model_card
 
 
 def stage_steps(log_path) -> list[int]:
@@ -16,10 +15,9 @@ def stage_steps(log_path) -> list[int]:
 
 
 def test_state_tracking_experiment(tmp_path):
+    from implicit_lm.tasks.word_problems import element_names
+    from implicit_lm.training import state_tracking_experiment as experiment
     from transformers import AutoModelForCausalLM, pipeline
-
-    from eval.state_tracking import element_names
-    from training import state_tracking_experiment as experiment
 
     run, bundle = tmp_path / "run", tmp_path / "models"
     arguments = ["--output-dir", str(run), "--models", "implicit-mamba2,mamba2-4layer", "--steps-scale", "0.002",
@@ -66,7 +64,7 @@ def test_state_tracking_experiment(tmp_path):
 
 
 def test_state_tracking_experiment_rejects_bad_arguments(tmp_path, capsys):
-    from training import state_tracking_experiment as experiment
+    from implicit_lm.training import state_tracking_experiment as experiment
 
     for arguments, message in (
         (["--models", "implicit-mamba2,transformer"], "unknown ['transformer']"),
@@ -80,9 +78,8 @@ def test_state_tracking_experiment_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_stories_experiment(tmp_path):
+    from implicit_lm.training import stories_experiment as experiment
     from transformers import pipeline
-
-    from training import stories_experiment as experiment
 
     run, bundle = tmp_path / "run", tmp_path / "models"
     payload = experiment.main(["--output-dir", str(run), "--num-stories", "40", "--hidden-size", "32", "--seq-len",

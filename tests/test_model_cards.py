@@ -1,10 +1,10 @@
 """Model cards: rendering for both families, Hub metadata, the paper's numbers, and validation."""
 
 import pytest
+from implicit_lm.model_cards import PAPER_ARCHITECTURES, PAPER_RESULTS, render_model_card, validate_model_card
+from implicit_lm.model_cards.paper_results import PRESETS
 
 import modeling_implicit as mi
-from model_cards import PAPER_ARCHITECTURES, PAPER_RESULTS, render_model_card, validate_model_card
-from model_cards.paper_results import PRESETS
 
 
 def mamba2_config(**overrides) -> mi.ImplicitMamba2Config:

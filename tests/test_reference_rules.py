@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama, tiny_mamba2
+from implicit_lm.conversion.reference import write_reference_checkpoint
 from test_conversion import run_convert, tiny_reference
 from test_modeling_common import fixed_point_function, ids
 from transformers import AutoModelForCausalLM
-
-from conversion.reference import write_reference_checkpoint
 
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 SETTINGS = dict(solver="picard", damping=0.8, tolerance=0.05, eval_max_iterations=24)

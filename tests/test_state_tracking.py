@@ -13,8 +13,9 @@ from functools import reduce
 import pytest
 import torch
 from conftest import ROOT
+from implicit_lm.eval import state_tracking as st
 
-from eval import state_tracking as st
+from implicit_lm.tasks import word_problems as wp
 
 
 def compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -26,12 +27,12 @@ def parity(perm: tuple[int, ...]) -> int:
     return sum(perm[i] > perm[j] for i, j in itertools.combinations(range(len(perm)), 2)) % 2
 
 
-def as_tuples(group: st.FiniteMonoid) -> list[tuple[int, ...]]:
+def as_tuples(group: wp.FiniteMonoid) -> list[tuple[int, ...]]:
     return [tuple(row) for row in group.permutations.tolist()]
 
 
 def test_group_elements():
-    s5, a5 = st.symmetric_group(), st.alternating_group()
+    s5, a5 = wp.symmetric_group(), wp.alternating_group()
     assert (s5.size, a5.size) == (120, 60)
     assert as_tuples(s5) == list(itertools.permutations(range(5)))  # lexicographic, the reference's order
     assert as_tuples(a5) == [perm for perm in itertools.permutations(range(5)) if parity(perm) == 0]
@@ -40,7 +41,7 @@ def test_group_elements():
         assert group.table.dtype == torch.uint8 and group.table.shape == (group.size, group.size)
 
 
-@pytest.mark.parametrize("build", [st.symmetric_group, st.alternating_group])
+@pytest.mark.parametrize("build", [wp.symmetric_group, wp.alternating_group])
 def test_table_is_permutation_composition(build):
     group = build()
     perms = as_tuples(group)
@@ -51,7 +52,7 @@ def test_table_is_permutation_composition(build):
 
 
 def test_a5_is_the_even_subgroup_of_s5():
-    s5, a5 = st.symmetric_group(), st.alternating_group()
+    s5, a5 = wp.symmetric_group(), wp.alternating_group()
     s5_index = {perm: i for i, perm in enumerate(as_tuples(s5))}
     embed = torch.tensor([s5_index[perm] for perm in as_tuples(a5)])
     # Closed: every product of even permutations is an A5 element, and A5's table is S5's restricted to it.
@@ -60,7 +61,7 @@ def test_a5_is_the_even_subgroup_of_s5():
 
 
 @pytest.mark.parametrize(
-    "build", [st.symmetric_group, st.alternating_group, st.aperiodic_monoid, st.mixed_monoid], ids=lambda b: b.__name__
+    "build", [wp.symmetric_group, wp.alternating_group, wp.aperiodic_monoid, wp.mixed_monoid], ids=lambda b: b.__name__
 )
 def test_monoid_axioms(build):
     monoid = build()
@@ -74,7 +75,7 @@ def test_monoid_axioms(build):
     assert torch.equal(table[table[a, b], c], table[a, table[b, c]])
 
 
-@pytest.mark.parametrize("build", [st.symmetric_group, st.alternating_group])
+@pytest.mark.parametrize("build", [wp.symmetric_group, wp.alternating_group])
 def test_inverses(build):
     group = build()
     inverse = group.inverses()
@@ -85,9 +86,9 @@ def test_inverses(build):
 
 
 def test_aperiodic_monoid():
-    monoid = st.aperiodic_monoid()
+    monoid = wp.aperiodic_monoid()
     assert monoid.size == 4
-    assert monoid.table.tolist() == [list(row) for row in st.APERIODIC_TABLE]
+    assert monoid.table.tolist() == [list(row) for row in wp.APERIODIC_TABLE]
     for element in range(4):  # aperiodic: m^k = m^(k+1) (k = 2 suffices here)
         powers = [element]
         for _ in range(3):
@@ -98,24 +99,24 @@ def test_aperiodic_monoid():
 
 
 def test_mixed_monoid_is_the_componentwise_product():
-    mixed, a5 = st.mixed_monoid(), st.alternating_group()
+    mixed, a5 = wp.mixed_monoid(), wp.alternating_group()
     assert mixed.size == 240
     perms = as_tuples(a5)
     index = {perm: i for i, perm in enumerate(perms)}
     rng = random.Random(0)
     for _ in range(2000):
         (g1, m1), (g2, m2) = [(rng.randrange(60), rng.randrange(4)) for _ in range(2)]
-        expected = 4 * index[compose(perms[g1], perms[g2])] + st.APERIODIC_TABLE[m1][m2]
+        expected = 4 * index[compose(perms[g1], perms[g2])] + wp.APERIODIC_TABLE[m1][m2]
         assert mixed.table[4 * g1 + m1, 4 * g2 + m2] == expected
     assert mixed.table.dtype == torch.uint8
 
 
-def fold_labels(group: st.FiniteMonoid, tokens: list[int]) -> list[int]:
+def fold_labels(group: wp.FiniteMonoid, tokens: list[int]) -> list[int]:
     """Running products by explicit composition: permutations for groups, the monoid's table for M."""
     if group.name == "A5xM":
-        perms = as_tuples(st.alternating_group())
+        perms = as_tuples(wp.alternating_group())
         parts = [(perms[t // 4], t % 4) for t in tokens]
-        step = lambda x, y: (compose(x[0], y[0]), st.APERIODIC_TABLE[x[1]][y[1]])  # noqa: E731
+        step = lambda x, y: (compose(x[0], y[0]), wp.APERIODIC_TABLE[x[1]][y[1]])  # noqa: E731
         index = {perm: i for i, perm in enumerate(perms)}
         return [4 * index[g] + m for g, m in itertools.accumulate(parts, step)]
     perms = as_tuples(group)
@@ -123,14 +124,14 @@ def fold_labels(group: st.FiniteMonoid, tokens: list[int]) -> list[int]:
     return [index[perm] for perm in itertools.accumulate((perms[t] for t in tokens), compose)]
 
 
-@pytest.mark.parametrize("name", st.GROUPS)
+@pytest.mark.parametrize("name", wp.GROUPS)
 @pytest.mark.parametrize("length", [1, 2, 7, 33])
 def test_labels_are_running_products(name, length):
-    group = st.get_monoid(name)
+    group = wp.get_monoid(name)
     if name == "mixed":
-        tokens, labels = st.mixed_word_problem(0.5, 4, length, seed=1)
+        tokens, labels = wp.mixed_word_problem(0.5, 4, length, seed=1)
     else:
-        tokens, labels = st.word_problem(name, 4, length, seed=1)
+        tokens, labels = wp.word_problem(name, 4, length, seed=1)
     assert tokens.shape == labels.shape == (4, length)
     assert tokens.dtype == labels.dtype == torch.uint8
     assert int(tokens.max()) < group.size
@@ -140,24 +141,24 @@ def test_labels_are_running_products(name, length):
 
 def test_label_is_the_map_x0_after_x1():
     """The convention spelled out: y_t(i) = x_0(x_1(...x_t(i)))."""
-    tokens, labels = st.word_problem("S5", 3, 5, seed=2)
-    perms = st.symmetric_group().permutations
+    tokens, labels = wp.word_problem("S5", 3, 5, seed=2)
+    perms = wp.symmetric_group().permutations
     for row_tokens, row_labels in zip(tokens.long(), labels.long()):
         expected = reduce(lambda acc, token: acc[perms[token]], row_tokens.tolist(), torch.arange(5))
         assert torch.equal(perms[row_labels[-1]], expected)
 
 
 def test_determinism():
-    first = st.mixed_word_problem(0.3, 8, 16, seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(first, st.mixed_word_problem(0.3, 8, 16, seed=5)))
-    assert not torch.equal(first[0], st.mixed_word_problem(0.3, 8, 16, seed=6)[0])
-    tokens, _ = st.word_problem("A5", 8, 16, seed=5)
-    assert torch.equal(tokens, st.word_problem("A5", 8, 16, seed=5)[0])
-    assert not torch.equal(tokens, st.word_problem("A5", 8, 16, seed=6)[0])
+    first = wp.mixed_word_problem(0.3, 8, 16, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(first, wp.mixed_word_problem(0.3, 8, 16, seed=5)))
+    assert not torch.equal(first[0], wp.mixed_word_problem(0.3, 8, 16, seed=6)[0])
+    tokens, _ = wp.word_problem("A5", 8, 16, seed=5)
+    assert torch.equal(tokens, wp.word_problem("A5", 8, 16, seed=5)[0])
+    assert not torch.equal(tokens, wp.word_problem("A5", 8, 16, seed=6)[0])
 
 
 def test_word_problem_is_uniform_over_the_group():
-    tokens, _ = st.word_problem("S5", 400, 300, seed=0)
+    tokens, _ = wp.word_problem("S5", 400, 300, seed=0)
     counts = torch.bincount(tokens.flatten().long(), minlength=120).double()
     expected = tokens.numel() / 120
     assert ((counts - expected).abs() < 6 * math.sqrt(expected)).all()
@@ -165,8 +166,8 @@ def test_word_problem_is_uniform_over_the_group():
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_mixed_hard_rate(p):
-    tokens, _ = st.mixed_word_problem(p, 200, 256, seed=3)
-    hard = st.hard_mask(tokens)
+    tokens, _ = wp.mixed_word_problem(p, 200, 256, seed=3)
+    hard = wp.hard_mask(tokens)
     assert torch.equal(hard, tokens.long() // 4 != 0)
     n = tokens.numel()
     # Binomial(n, p): within 5 standard deviations (exact at p in {0, 1}).
@@ -183,12 +184,12 @@ def test_mixed_hard_rate(p):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: st.mixed_word_problem(1.5, 2, 2, 0), "probability"),
-        (lambda: st.mixed_word_problem(-0.1, 2, 2, 0), "probability"),
-        (lambda: st.word_problem("S5", 0, 2, 0), "positive"),
-        (lambda: st.word_problem("S5", 2, -1, 0), "positive"),
-        (lambda: st.word_problem("S6", 2, 2, 0), "unknown group"),
-        (lambda: st.symmetric_group(6), "more than uint8"),
+        (lambda: wp.mixed_word_problem(1.5, 2, 2, 0), "probability"),
+        (lambda: wp.mixed_word_problem(-0.1, 2, 2, 0), "probability"),
+        (lambda: wp.word_problem("S5", 0, 2, 0), "positive"),
+        (lambda: wp.word_problem("S5", 2, -1, 0), "positive"),
+        (lambda: wp.word_problem("S6", 2, 2, 0), "unknown group"),
+        (lambda: wp.symmetric_group(6), "more than uint8"),
     ],
 )
 def test_generator_rejects_bad_arguments(call, message):
@@ -213,22 +214,22 @@ def test_cli_writes_the_data(tmp_path, capsys):
     argv = ["--group", "mixed", "--p", "0.25", "--length", "12", "--num-samples", "10", "--seed", "4"]
     st.main([*argv, "--output", str(output)])
     saved = torch.load(output, weights_only=True)
-    tokens, labels = st.mixed_word_problem(0.25, 10, 12, seed=4)
+    tokens, labels = wp.mixed_word_problem(0.25, 10, 12, seed=4)
     assert torch.equal(saved["tokens"], tokens) and torch.equal(saved["labels"], labels)
     assert saved["tokens"].dtype == saved["labels"].dtype == torch.uint8
     metadata = saved["metadata"]
     assert (metadata["group"], metadata["vocab_size"], metadata["p"], metadata["seed"]) == ("A5xM", 240, 0.25, 4)
-    assert metadata["hard_fraction"] == st.hard_mask(tokens).double().mean().item()
+    assert metadata["hard_fraction"] == wp.hard_mask(tokens).double().mean().item()
     assert "A5xM" in capsys.readouterr().out
 
 
 def test_cli_module_entry_point(tmp_path):
     output = tmp_path / "s5.pt"
-    command = [sys.executable, "-m", "eval.state_tracking", "--group", "S5", "--length", "5", "--num-samples", "3"]
+    command = [sys.executable, "-m", "implicit_lm.eval.state_tracking", "--group", "S5", "--length", "5", "--num-samples", "3"]
     result = subprocess.run([*command, "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     saved = torch.load(output, weights_only=True)
-    assert torch.equal(saved["tokens"], st.word_problem("S5", 3, 5, seed=0)[0])
+    assert torch.equal(saved["tokens"], wp.word_problem("S5", 3, 5, seed=0)[0])
     assert saved["metadata"]["vocab_size"] == 120 and saved["metadata"]["p"] is None
 
 
@@ -265,7 +266,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, group: str, wrong_from: int):
         super().__init__()
-        self.monoid, self.wrong_from = st.get_monoid(group), wrong_from
+        self.monoid, self.wrong_from = wp.get_monoid(group), wrong_from
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.config = type("Config", (), {"vocab_size": 64, "inference_mode": "simultaneous",
                                           "model_type": "implicit_mamba2", "implicit": False})()
@@ -356,14 +357,14 @@ def test_cli_refuses_a_model_with_too_small_a_vocabulary(tmp_path, capsys):
     assert exit_info.value.code == 2 and "more than the model's vocabulary" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("group", st.GROUPS)
+@pytest.mark.parametrize("group", wp.GROUPS)
 def test_tokenizer_ids_are_element_indices(group):
-    names = st.element_names(group)
-    assert len(set(names)) == len(names) == st.get_monoid(group).size and names[0].startswith("01234")
+    names = wp.element_names(group)
+    assert len(set(names)) == len(names) == wp.get_monoid(group).size and names[0].startswith("01234")
     if group != "mixed":
-        assert [tuple(map(int, name)) for name in names] == as_tuples(st.get_monoid(group))
-    tokenizer = st.build_tokenizer(group)
-    tokens = st.sample(group, 2, 7, seed=0, p=0.5 if group == "mixed" else None)[0][0].tolist()
+        assert [tuple(map(int, name)) for name in names] == as_tuples(wp.get_monoid(group))
+    tokenizer = wp.word_problem_tokenizer(group)
+    tokens = wp.sample(group, 2, 7, seed=0, p=0.5 if group == "mixed" else None)[0][0].tolist()
     text = tokenizer.decode(tokens)
     assert text.split() == [names[token] for token in tokens]
     assert tokenizer(text)["input_ids"] == tokens

@@ -6,11 +6,12 @@ import json
 import random
 
 import pytest
+from implicit_lm.eval import stories as st
 
-from eval import stories as st
+from implicit_lm.tasks import stories as tasks
 
 
-def replay(story: st.Story) -> dict[str, str | None]:
+def replay(story: tasks.Story) -> dict[str, str | None]:
     """Answers recomputed independently from the story text: track people and objects sentence by sentence."""
     person_room, holder, object_room, answers = {}, {}, {}, {}
     for sentence in (s.strip() for s in story.text().split(" .") if s.strip()):
@@ -20,7 +21,7 @@ def replay(story: st.Story) -> dict[str, str | None]:
             continue
         if words[0] == "where":  # "where is [the] X ? ANSWER"
             entity = words[-3]
-            if entity in st.PEOPLE:
+            if entity in tasks.PEOPLE:
                 known = person_room.get(entity)
             else:
                 known = person_room[holder[entity]] if entity in holder else object_room.get(entity)
@@ -39,14 +40,14 @@ def replay(story: st.Story) -> dict[str, str | None]:
 
 
 def test_answers_follow_the_story():
-    for story in st.generate_stories(300, 1, 30, seed=1, questions=3):
+    for story in tasks.generate_stories(300, 1, 30, seed=1, questions=3):
         replay(story)  # asserts every inline answer
         assert story.questions[-1].events_before == len(story.events)
-        assert all(q.answer in st.ROOMS for q in story.questions)
+        assert all(q.answer in tasks.ROOMS for q in story.questions)
 
 
 def test_prompt_ends_at_the_question():
-    story = st.generate_story(random.Random(0), 12, questions=3)
+    story = tasks.generate_story(random.Random(0), 12, questions=3)
     for question in story.questions:
         prompt = story.prompt(question)
         assert prompt.endswith(question.text)
@@ -55,14 +56,14 @@ def test_prompt_ends_at_the_question():
 
 
 def test_deterministic_and_seed_dependent():
-    first = [s.text() for s in st.generate_stories(20, 3, 10, seed=5)]
-    assert first == [s.text() for s in st.generate_stories(20, 3, 10, seed=5)]
-    assert first != [s.text() for s in st.generate_stories(20, 3, 10, seed=6)]
+    first = [s.text() for s in tasks.generate_stories(20, 3, 10, seed=5)]
+    assert first == [s.text() for s in tasks.generate_stories(20, 3, 10, seed=5)]
+    assert first != [s.text() for s in tasks.generate_stories(20, 3, 10, seed=6)]
 
 
 def test_tokenizer_covers_every_story():
-    tokenizer = st.build_tokenizer()
-    for story in st.generate_stories(50, 1, 20, seed=2):
+    tokenizer = tasks.story_tokenizer()
+    for story in tasks.generate_stories(50, 1, 20, seed=2):
         ids = tokenizer(story.text())["input_ids"]
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == " " + story.text()  # every word decodes with its leading space
@@ -82,7 +83,7 @@ def test_cli(tmp_path, capsys):
 def test_model_evaluation_by_story_length(tmp_path, saved_models, capsys):
     from conftest import tiny_mamba2
 
-    tokenizer = st.build_tokenizer()
+    tokenizer = tasks.story_tokenizer()
     model = tiny_mamba2(vocab_size=len(tokenizer), eval_max_iterations=50, tolerance=1e-4)
     model.save_pretrained(tmp_path / "story-lm")
     tokenizer.save_pretrained(tmp_path / "story-lm")

@@ -11,10 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_llama, tiny_mamba2
-
-import modeling_implicit as mi
-from benchmarks.phantom_memory import measure
-from training.curriculum import (
+from implicit_lm.benchmarks.phantom_memory import measure
+from implicit_lm.training.curriculum import (
     NO_EARLY_STOP,
     Curriculum,
     CurriculumCallback,
@@ -23,7 +21,9 @@ from training.curriculum import (
     implicit_configs,
     resolve_curriculum,
 )
-from training.schedule import lr_multiplier, make_scheduler
+from implicit_lm.training.schedule import lr_multiplier, make_scheduler
+
+import modeling_implicit as mi
 
 
 def two_phases(first: int = 2, second: int = 5) -> Curriculum:

@@ -37,14 +37,14 @@ def workspace(tmp_path_factory):
     return root
 
 
-def command(workspace, output, *extra, launcher=(sys.executable, "-m", "training.finetune")):
+def command(workspace, output, *extra, launcher=(sys.executable, "-m", "implicit_lm.training.finetune")):
     return [*launcher, "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"),
             "--output-dir", str(output), "--seq-len", "16", "--batch-size", "2", "--learning-rate", "3e-3",
             "--warmup-steps", "1", "--curriculum", str(workspace / "curriculum.json"), *map(str, extra)]
 
 
 def run(args, **environment):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **environment}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **environment}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -61,7 +61,7 @@ def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
     # accelerate's `--cpu` starts one process (several need an MPI host file); `--multi_gpu` with ACCELERATE_USE_CPU
     # starts two gloo processes.
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.finetune")
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "implicit_lm.training.finetune")
     result = run(command(workspace, output, "--max-steps", 12, "--eval-data", workspace / "train.txt",
                          "--eval-every", 6, "--eval-batches", 2, launcher=launcher), ACCELERATE_USE_CPU="true")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_killed_run_resumes_to_identical_weights(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     output = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command(workspace, output, "--max-steps", steps, "--save-every", 4), cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -113,11 +113,11 @@ def test_killed_run_resumes_to_identical_weights(workspace, tmp_path):
 
 
 def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monkeypatch):
-    from training.finetune import main
+    from implicit_lm.training.finetune import main
 
     def error_of(*args):  # in-process: the errors come before any training work
         with pytest.raises(SystemExit) as exit_info:
-            main(list(args[3:]))  # without the `python -m training.finetune` launcher
+            main(list(args[3:]))  # without the `python -m implicit_lm.training.finetune` launcher
         assert exit_info.value.code == 2
         assert not (tmp_path / "out" / "final").exists()
         return capsys.readouterr().err
@@ -146,7 +146,7 @@ def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monke
 
 
 def test_data_stream_is_reproducible_and_sharded():
-    from training.data import DataError, RowStream
+    from implicit_lm.training.data import DataError, RowStream
 
     rows = torch.arange(10 * 4).view(10, 4)
     whole = RowStream(rows, batch_size=2, seed=3)
@@ -171,7 +171,7 @@ def test_example_accelerate_configs_load(name):
 
 
 def test_activation_checkpointing_trains_the_same_weights(workspace, tmp_path):
-    from training.finetune import main
+    from implicit_lm.training.finetune import main
 
     plain = main(command(workspace, tmp_path / "plain", "--max-steps", 3)[3:])
     checkpointed = main(command(workspace, tmp_path / "ckpt", "--max-steps", 3, "--gradient-checkpointing")[3:])
@@ -182,9 +182,8 @@ def test_activation_checkpointing_trains_the_same_weights(workspace, tmp_path):
 
 def test_lora_run_saves_a_merged_model_and_its_adapter(workspace, tmp_path):
     pytest.importorskip("peft")
+    from implicit_lm.training.finetune import main
     from transformers import AutoModelForCausalLM
-
-    from training.finetune import main
 
     final = main(command(workspace, tmp_path / "lora", "--max-steps", 3, "--lora-rank", 4)[3:])
     assert (final / "adapter" / "adapter_config.json").is_file()
@@ -197,7 +196,7 @@ def test_lora_run_saves_a_merged_model_and_its_adapter(workspace, tmp_path):
 
 
 def test_preset_model_source(tmp_path, capsys):
-    from training.finetune import load_model_and_tokenizer, main, parse_args
+    from implicit_lm.training.finetune import load_model_and_tokenizer, main, parse_args
 
     args = parse_args(["--preset", "mamba2-130m-implicit", "--data", "x.npy", "--output-dir", str(tmp_path),
                        "--max-steps", "1"])
@@ -218,7 +217,7 @@ def test_bf16_mixed_precision_on_cpu(workspace, tmp_path):
 
 def test_synthetic_word_problem_training(tmp_path):
     """`--data synthetic:A5`: per-position running-product labels, fresh batches every step, accuracy in the eval."""
-    from training.finetune import main
+    from implicit_lm.training.finetune import main
 
     tiny_mamba2(vocab_size=64, max_iterations=6, tolerance=0.05, eval_max_iterations=30).save_pretrained(
         tmp_path / "model"

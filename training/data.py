@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from eval.common import EvalError, check_token_range, pack, read_tokens
+from implicit_lm.cli import InputError
+from implicit_lm.tokens import check_token_range, pack, read_tokens
 
 
 class DataError(ValueError):
@@ -25,13 +26,13 @@ class DataError(ValueError):
 def packed_rows(
     path: str | os.PathLike, tokenizer: Any, seq_len: int, vocab_size: int, text_field: str = "text"
 ) -> torch.Tensor:
-    """The tokens of `path` (`.txt`, `.jsonl`, `.npy`, `.pt`; see `eval.common.read_tokens`) packed into
+    """The tokens of `path` (`.txt`, `.jsonl`, `.npy`, `.pt`; see `implicit_lm.tokens.read_tokens`) packed into
     `(rows, seq_len)`, the incomplete tail dropped."""
     try:
         tokens = read_tokens(path, tokenizer, text_field)
         check_token_range(tokens, vocab_size, str(path))
         return pack(tokens, seq_len, None, str(path))
-    except EvalError as error:
+    except InputError as error:
         raise DataError(str(error)) from error
 
 
@@ -92,14 +93,14 @@ def parse_synthetic(spec: str) -> tuple[str, float | None]:
 
 
 class SyntheticStream:
-    """Word problems (eval/state_tracking.py) generated on the fly: micro-batch `m` of process `r` is drawn with seed
+    """Word problems (implicit_lm/tasks/word_problems.py) generated on the fly: micro-batch `m` of process `r` is drawn with seed
     `(seed, m, r)`, so the stream is endless, reproducible and resumable like `RowStream`. Batches are
     `(tokens, labels)`: the label at each position is the running product up to it (a per-position classification
     over the same ids, not next-token prediction)."""
 
     def __init__(self, spec: str, seq_len: int, batch_size: int, seed: int, vocab_size: int,
                  num_processes: int = 1, rank: int = 0):
-        from eval.state_tracking import get_monoid
+        from implicit_lm.tasks.word_problems import get_monoid
 
         self.group, self.p = parse_synthetic(spec)
         size = get_monoid(self.group).size
@@ -109,7 +110,7 @@ class SyntheticStream:
         self.num_processes, self.rank = num_processes, rank
 
     def batch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from eval.state_tracking import mixed_word_problem, word_problem
+        from implicit_lm.tasks.word_problems import mixed_word_problem, word_problem
 
         seed = (self.seed * 1_000_000_007 + micro_step * self.num_processes + self.rank) % 2**63
         if self.group == "mixed":

@@ -4,7 +4,7 @@
         --model DIR --data train.jsonl --seq-len 512 --batch-size 8 --max-steps 1000 --output-dir runs/my-run \\
         [--curriculum paper|none|FILE] [--eval-data val.jsonl --eval-every 100] [--save-every 100] [--resume]
 
-(`python -m training.finetune ...` runs the same thing in one process. Several processes on a machine without GPUs:
+(`implicit-lm finetune ...` runs the same thing in one process. Several processes on a machine without GPUs:
 `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m training.finetune ...`; accelerate's own
 `--cpu` flag starts a single process unless given an MPI host file.)
 
@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_implicit import IMPLICIT_MODEL_TYPES
 from modeling_implicit.compat import enable_activation_checkpointing
 
 from .curriculum import Curriculum, CurriculumError, resolve_curriculum
@@ -82,7 +83,7 @@ class TrainingError(ValueError):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="implicit-lm finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="Hub-layout folder of an implicit model")
@@ -145,8 +146,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module,
     import modeling_implicit  # noqa: F401  (registers the Auto classes, so the local code is what trains)
 
     if args.preset is not None:
-        from conversion.presets import preset_reference_config
-        from conversion.reference import config_from_reference
+        from implicit_lm.conversion.presets import preset_reference_config
+        from implicit_lm.conversion.reference import config_from_reference
 
         try:
             config = config_from_reference(preset_reference_config(args.preset))
@@ -158,7 +159,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module,
         if not (args.model / "config.json").is_file():
             raise TrainingError(f"--model {args.model}: no config.json there (expected a Hub-layout model folder)")
         config = AutoConfig.from_pretrained(args.model)
-        if config.model_type not in ("implicit_mamba2", "implicit_llama"):
+        if config.model_type not in IMPLICIT_MODEL_TYPES:
             raise TrainingError(f"--model {args.model} is a {config.model_type!r} model, not an implicit one")
         if args.random_init:
             torch.manual_seed(args.seed)
@@ -451,13 +452,13 @@ def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: a
     """The trained model as a Hub-layout folder (`final/`, remote code included; a LoRA adapter merged into the
     weights, and also saved on its own in `final/adapter/`), written atomically. The full state dict is gathered on
     every process first (FSDP shards it)."""
-    from conversion.checkpoint_io import atomic_output_dir
+    from implicit_lm.files import atomic_output
 
     destination = args.output_dir / "final"
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         raw_model = accelerator.unwrap_model(model)
-        with atomic_output_dir(destination, overwrite=True) as staging:
+        with atomic_output(destination, folder=True) as staging:
             if args.lora_rank:
                 raw_model.save_pretrained(staging / "adapter")
                 raw_model.merge_and_unload().save_pretrained(staging)

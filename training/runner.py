@@ -45,8 +45,8 @@ def all_threads() -> Iterator[None]:
 
 
 def finetune_command(*arguments: str) -> list[str]:
-    """`python -m training.finetune ARGUMENTS` with this interpreter."""
-    return [sys.executable, "-m", "training.finetune", *arguments]
+    """`python -m implicit_lm.training.finetune ARGUMENTS` with this interpreter (`implicit-lm finetune`)."""
+    return [sys.executable, "-m", "implicit_lm.training.finetune", *arguments]
 
 
 def run_logged(command: Sequence[str], log_path: Path, threads: int, done: Path | None = None) -> float | None:

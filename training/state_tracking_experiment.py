@@ -6,9 +6,9 @@ Mamba2s of 1 to 4 layers, then evaluates every model on fresh problems of length
 and simultaneous mode (eval/state_tracking.py): per-token accuracy and solver iterations vs length, as a table
 (`results.md`), `length_generalization.json` and `length_generalization.png`.
 
-    python -m training.state_tracking_experiment --output-dir runs/state-tracking [--jobs 2] [--bundle-dir models]
+    implicit-lm experiment state-tracking --output-dir runs/state-tracking [--jobs 2] [--bundle-dir models]
 
-Every model trains in two stages with `python -m training.finetune` (what mattered at this scale, see
+Every model trains in two stages with `implicit-lm finetune` (what mattered at this scale, see
 docs/BENCHMARKS.md): stage 1 on length 8 with a large learning rate, where the loss sits at chance for several
 hundred steps and then drops; stage 2 from stage 1's weights on length 32, with the solver allowed to converge
 (implicit) and the learning rate annealed. Stages run as subprocesses, `--jobs` at a time, each with its share of
@@ -31,19 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from implicit_lm.eval.state_tracking import format_table, length_generalization, plot_length_generalization
+from implicit_lm.training.curriculum import NO_EARLY_STOP, Curriculum, Phase
+from implicit_lm.training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 from tqdm.auto import tqdm
 
-from conversion.checkpoint_io import atomic_output_dir
-from eval.common import atomic_write, load_model, run_metadata, write_json
-from eval.state_tracking import (
-    build_tokenizer,
-    format_table,
-    get_monoid,
-    length_generalization,
-    plot_length_generalization,
-)
-from training.curriculum import NO_EARLY_STOP, Curriculum, Phase
-from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
+from implicit_lm.files import atomic_output, atomic_write, write_json
+from implicit_lm.models import load_model
+from implicit_lm.provenance import run_metadata
+from implicit_lm.tasks.word_problems import get_monoid, word_problem_tokenizer
 
 EVAL_LENGTHS = (32, 64, 128, 256)
 TRAIN_LENGTH = 32
@@ -166,11 +162,12 @@ def final_folder(run_dir: Path, spec: ModelSpec) -> Path:
 def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, Any], folder_name: str, group: str,
                  num_samples: int) -> None:
     """Fill `staging` with the trained model of `spec`, its tokenizer, card and measured figures."""
-    from model_cards import render_demo_model_card
+    from implicit_lm.model_cards import render_demo_model_card
+
     from modeling_implicit import ImplicitMamba2Config
 
     shutil.copytree(source, staging, dirs_exist_ok=True)
-    build_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
+    word_problem_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
     config = ImplicitMamba2Config.from_pretrained(staging)
     if spec.implicit:
         config.prefill_mode = "sequential"  # generate() reads prompts as the RNN, as the figures measure
@@ -192,18 +189,20 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
     task = (
         f"The input is a sequence of {group} elements (token id = element index in lexicographic order of the "
         "permutations, identity = 0) and the label at position t is the running product x_0 * x_1 * ... * x_t "
-        f"(`eval/state_tracking.py`). Training: word problems of length 8, then of length {TRAIN_LENGTH}, drawn "
+        f"(`implicit_lm/tasks/word_problems.py`). Training: word problems of length 8, then of length {TRAIN_LENGTH}, drawn "
         "fresh every step; the two stages and their solver settings are in `training/state_tracking_experiment"
         ".py`."
     )
     usage = (
         "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, pipeline\n"
-        "from eval.state_tracking import word_problem   # from the implicit-lm package\n\n"
+        "from implicit_lm.tasks import word_problem   # from the implicit-lm package\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("models/{folder_name}", trust_remote_code=True).eval()\n'
         f'tokens, labels = word_problem("{group}", num_samples=8, length=256, seed=0)\n'
-        + ('model.config.inference_mode = "sequential"   # token by token, each iterated to its fixed point\n'
-           if spec.implicit else "")
-        + "with torch.no_grad():\n    predicted = model(input_ids=tokens.long()).logits.argmax(-1)\n"
+        + "with torch.no_grad():\n"
+        + ('    # token by token, each iterated to its fixed point (this call only: model.config is unchanged)\n'
+           '    outputs = model(input_ids=tokens.long(), solver_overrides={"inference_mode": "sequential"})\n'
+           if spec.implicit else "    outputs = model(input_ids=tokens.long())\n")
+        + "predicted = outputs.logits.argmax(-1)\n"
         "print((predicted == labels.long()).float().mean())   # per-token accuracy\n\n"
         "# The tokenizer's words are the elements in one-line notation (01234 is the identity): the first word\n"
         "# generated after a sequence of permutations is their product.\n"
@@ -218,7 +217,7 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
     )
     card = render_demo_model_card(
         config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
-        command="python -m training.state_tracking_experiment --output-dir runs/state-tracking "
+        command="implicit-lm experiment state-tracking --output-dir runs/state-tracking "
                 "--bundle-dir models",
         tags=("state-tracking", "word-problem"),
     )
@@ -239,7 +238,7 @@ def bundle(run_dir: Path, bundle_dir: Path, specs: list[ModelSpec], results: dic
             continue
         folder_name = f"{spec.name}-{group.lower()}"
         entry = results[spec.name]
-        with atomic_output_dir(bundle_dir / folder_name, overwrite=True) as staging:
+        with atomic_output(bundle_dir / folder_name, folder=True) as staging:
             write_bundle(staging, final_folder(run_dir, spec), spec, entry, folder_name, group, num_samples)
         written.append(bundle_dir / folder_name)
     return written
@@ -247,7 +246,7 @@ def bundle(run_dir: Path, bundle_dir: Path, specs: list[ModelSpec], results: dic
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training.state_tracking_experiment", description=__doc__,
+        prog="implicit-lm experiment state-tracking", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, required=True, help="run folder (models, logs, results)")

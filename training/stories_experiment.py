@@ -1,12 +1,12 @@
 """A tiny implicit LM and an explicit one trained on bAbI-style stories (the paper's CatbAbI experiment, Figure 13).
 
-Generates a story corpus offline (eval/stories.py: people move between rooms, pick up and drop objects; questions
+Generates a story corpus offline (implicit_lm/tasks/stories.py: people move between rooms, pick up and drop objects; questions
 "where is mary ?" with their answers inline), saves the story tokenizer (word level, trained on nothing but the
-generator's closed vocabulary), trains both models as ordinary causal LMs with `python -m training.finetune`, and
+generator's closed vocabulary), trains both models as ordinary causal LMs with `implicit-lm finetune`, and
 measures the accuracy of the greedy answer to a story's last question, and the solver iterations the implicit model
 spends on the answer token, against story length (`results.md`, `stories.json`, `stories.png`).
 
-    python -m training.stories_experiment --output-dir runs/stories [--jobs 2] [--bundle-dir models]
+    implicit-lm experiment stories --output-dir runs/stories [--jobs 2] [--bundle-dir models]
 
 `--bundle-dir DIR` copies the implicit story LM, with its tokenizer, a model card and its measured accuracy
 (`stories.json`), into `DIR/implicit-mamba2-stories`, which the demo and the regression tests read. Training jobs
@@ -23,11 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from conversion.checkpoint_io import atomic_output_dir
-from eval.common import atomic_write, load_model, run_metadata, write_json
-from eval.stories import answer_accuracy, build_tokenizer, format_table, generate_stories, plot, write_stories
-from training.curriculum import NO_EARLY_STOP, Curriculum, Phase
-from training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
+from implicit_lm.eval.stories import answer_accuracy, format_table, plot
+from implicit_lm.training.curriculum import NO_EARLY_STOP, Curriculum, Phase
+from implicit_lm.training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
+
+from implicit_lm.files import atomic_output, atomic_write, write_json
+from implicit_lm.models import load_model
+from implicit_lm.provenance import run_metadata
+from implicit_lm.tasks.stories import generate_stories, story_tokenizer, write_stories
 
 EVAL_LENGTHS = (2, 4, 8, 16, 32)
 EVAL_SEED = 1
@@ -71,7 +74,7 @@ def build_config(spec: StoryModel, tokenizer: Any, hidden_size: int) -> Any:
 
 def train_model(spec: StoryModel, args: argparse.Namespace, threads: int) -> float | None:
     model_dir = args.output_dir / spec.name
-    tokenizer = build_tokenizer()
+    tokenizer = story_tokenizer()
     build_config(spec, tokenizer, args.hidden_size).save_pretrained(model_dir / "config")
     curriculum = "none"
     if spec.implicit:
@@ -93,13 +96,14 @@ def bundle(args: argparse.Namespace, results: dict[str, Any]) -> Path:
     """The implicit story LM and its tokenizer as `bundle_dir/implicit-mamba2-stories`, with card and figures."""
     folder_name = f"{BUNDLED}-stories"
     destination = args.bundle_dir / folder_name
-    with atomic_output_dir(destination, overwrite=True) as staging:
+    with atomic_output(destination, folder=True) as staging:
         write_bundle(staging, args, results, folder_name)
     return destination
 
 
 def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any], folder_name: str) -> None:
-    from model_cards import render_demo_model_card
+    from implicit_lm.model_cards import render_demo_model_card
+
     from modeling_implicit import ImplicitMamba2Config
 
     shutil.copytree(args.output_dir / BUNDLED / "train" / "final", staging, dirs_exist_ok=True)
@@ -114,7 +118,7 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
         "small world through the story."
     )
     task = (
-        "Stories from `eval/stories.py`: four objects are placed in rooms, then people move between rooms, pick up "
+        "Stories from `implicit_lm/tasks/stories.py`: four objects are placed in rooms, then people move between rooms, pick up "
         "and drop objects; questions such as `where is mary ?` or `where is the apple ?` are followed by their "
         f"one-word answer. Trained as an ordinary causal LM on {args.num_stories:,} stories of {MIN_EVENTS} to "
         f"{MAX_EVENTS} events (a question after every event) with the word-level story tokenizer saved "
@@ -139,7 +143,7 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
     )
     card = render_demo_model_card(
         config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
-        command="python -m training.stories_experiment --output-dir runs/stories --bundle-dir models",
+        command="implicit-lm experiment stories --output-dir runs/stories --bundle-dir models",
         tags=("babi", "synthetic-stories"),
     )
     (staging / "README.md").write_text(card)
@@ -151,7 +155,7 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training.stories_experiment", description=__doc__,
+        prog="implicit-lm experiment stories", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_corpus(args.output_dir / "train.jsonl", args.num_stories, args.seed)
     if not (args.output_dir / "valid.jsonl").is_file():
         write_corpus(args.output_dir / "valid.jsonl", max(args.num_stories // 20, 1), args.seed + 1)
-    build_tokenizer().save_pretrained(args.output_dir / "tokenizer")
+    story_tokenizer().save_pretrained(args.output_dir / "tokenizer")
     threads = threads_per_job(args.jobs)
     seconds = run_parallel(lambda spec: train_model(spec, args, threads), MODELS, args.jobs, desc="models")
     train_seconds = time.perf_counter() - start

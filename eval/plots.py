@@ -1,0 +1,33 @@
+"""Headless matplotlib figures, saved atomically as PNG."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from implicit_lm.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
+    logger.info("Wrote %s", path)
+
+
+def new_figure(columns: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
+    """A headless matplotlib figure (Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(width * columns, height), squeeze=False)
