@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -26,18 +26,21 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from .compat import cache_argument
 from .configuration_implicit_llama import ImplicitLlamaConfig
 from .modeling_implicit_utils import (
+    FixedPointCall,
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
     ImplicitLayer,
-    InputInjection,
+    ImplicitModelOutput,
+    ImplicitPreTrainedModel,
     RMSNorm,
     StackInputs,
     StackRecorder,
+    make_injection,
 )
-from .numerics import at_least_float32
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -233,8 +236,7 @@ class ImplicitLlamaDecoderLayer(ImplicitLayer):
     """Pre-norm block: `z + attn(norm(z), injection)`, then `z + mlp(norm(z))`."""
 
     def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
+        super().__init__(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.self_attn = ImplicitLlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -250,7 +252,7 @@ class ImplicitLlamaDecoderLayer(ImplicitLayer):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
         dtype = self.input_layernorm.weight.dtype
-        residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
+        residual = self.residual(hidden_states)
         normed = self.input_layernorm(hidden_states.to(dtype))
         attended, key_value, weights = self.self_attn(
             normed, injection, position_embeddings, attention_mask, past_key_value, output_attentions
@@ -260,27 +262,19 @@ class ImplicitLlamaDecoderLayer(ImplicitLayer):
         return hidden_states, key_value, weights
 
 
-class ImplicitLlamaPreTrainedModel(PreTrainedModel):
+class ImplicitLlamaPreTrainedModel(ImplicitPreTrainedModel):
     config_class = ImplicitLlamaConfig
     config: ImplicitLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["ImplicitLlamaDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    supports_gradient_checkpointing = True
-    _is_stateful = True
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, InputInjection):
-            module.init_weights()
 
 
 class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
     """Embeddings, the shared input injection, the Llama stack, its final norm and the rotary embedding, solved to a
-    fixed point. `forward(input_ids | inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)`
-    returns an `ImplicitModelOutput`; see `ImplicitBackboneMixin.forward` for the modes.
+    fixed point `z* = f(z*, u)`, `f(z, u) = norm(blocks(z, u))`; with `implicit=False`, one pass of the stack on the
+    embeddings (transformers' `LlamaModel`).
 
     Positions default to `past + index` without padding and count only real tokens with left padding (the cumulative
     sum of `attention_mask`), so a padded sequence sees the positions it would see alone.
@@ -289,10 +283,7 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
     def __init__(self, config: ImplicitLlamaConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        if config.implicit:
-            self.injection = InputInjection(config.hidden_size, config.qkv_size, config.layer_norm_epsilon)
-        else:
-            self.injection = None
+        self.injection = make_injection(config, config.qkv_size)  # added to every block's q/k/v projections
         self.layers = nn.ModuleList(
             [ImplicitLlamaDecoderLayer(config, index) for index in range(config.num_hidden_layers)]
         )
@@ -305,6 +296,45 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.embed_tokens = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: ImplicitLlamaCache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: ImplicitLlamaCache | None = None,
+        solver_overrides: dict | None = None,
+        **kwargs,
+    ) -> ImplicitModelOutput | tuple:
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument; the
+        call solves in the mode `solve_mode` picks (training: simultaneous; a cache passed in: a sequential step or a
+        prefill per `prefill_mode`; otherwise `inference_mode`), with the call's `solver_overrides` (see
+        `SOLVER_OVERRIDE_FIELDS`) and `model.config` left alone. `output_hidden_states=True` returns the per-layer
+        hidden states of the evaluation of `f` whose output is `last_hidden_state` (see `StackRecorder`),
+        `output_attentions=True` that evaluation's attention maps, computed with eager attention; in sequential mode
+        each token's are joined along the sequence (attention rows padded with zeros for the keys a token cannot
+        see). Training with `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones
+        are the last's."""
+        call = FixedPointCall(self, input_ids, inputs_embeds, attention_mask, cache_argument(cache, past_key_values),
+                              use_cache, output_hidden_states, output_attentions, solver_overrides)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        injection = self.inject(inputs_embeds)
+        # Positions, the causal + padding mask and the rotary embedding, built once for every solver iteration.
+        stack_inputs = self.prepare_stack_inputs(call.attention_mask, position_ids, inputs_embeds, call.past_len,
+                                                 call.output_hidden_states, call.output_attentions)
+        # All new tokens at once, or token by token, each token's keys/values iterated with it and then committed.
+        if call.mode == "simultaneous":
+            solved = call.simultaneous(inputs_embeds, injection, stack_inputs)
+        else:
+            solved = call.sequential(inputs_embeds, injection, stack_inputs)
+        return call.output(solved, return_dict)
 
     def make_cache(self) -> ImplicitLlamaCache:
         return ImplicitLlamaCache()
@@ -359,7 +389,7 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def _prepare_stack_inputs(
+    def prepare_stack_inputs(
         self,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
@@ -367,6 +397,7 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         past_len: int,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        noise_generator: torch.Generator | None = None,
     ) -> LlamaStackInputs:
         batch, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -383,7 +414,7 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
         )
 
-    def _evaluate_stack(
+    def evaluate_stack(
         self,
         hidden_states: torch.Tensor,
         injection: torch.Tensor | None,
@@ -412,17 +443,13 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
 
 
 class ImplicitLlamaForCausalLM(ImplicitCausalLMMixin, ImplicitLlamaPreTrainedModel, GenerationMixin):
-    """Implicit Llama language model. Full-sequence forwards are solved in simultaneous mode (or sequential, per
-    `config.inference_mode`); `generate()` prefills per `config.prefill_mode` and decodes token by token, iterating
-    each token (its keys/values included) to its fixed point against the committed `ImplicitLlamaCache`."""
+    """Implicit Llama language model: `ImplicitLlamaModel` and a head tied to its embeddings. Full-sequence forwards
+    are solved in simultaneous mode (or sequential, per `config.inference_mode`); `generate()` prefills per
+    `config.prefill_mode` and decodes token by token, iterating each token (its keys/values included) to its fixed
+    point against the committed `ImplicitLlamaCache`."""
 
+    backbone_class = ImplicitLlamaModel
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ImplicitLlamaConfig):
-        super().__init__(config)
-        self.model = ImplicitLlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
 
 
 __all__ = [

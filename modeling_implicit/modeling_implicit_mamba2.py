@@ -11,21 +11,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
 
+from .compat import cache_argument
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .kernels import causal_conv1d_silu, mamba2_decode_step, ssd_chunk_scan
 from .mamba2_ops import gated_rms_norm, gaussian_noise, time_step
 from .modeling_implicit_utils import (
+    FixedPointCall,
     ImplicitBackboneMixin,
     ImplicitCache,
     ImplicitCausalLMMixin,
     ImplicitLayer,
-    InputInjection,
+    ImplicitModelOutput,
+    ImplicitPreTrainedModel,
     RMSNorm,
     StackInputs,
     StackRecorder,
+    make_injection,
 )
 from .numerics import at_least_float32
 
@@ -212,8 +216,7 @@ class ImplicitMamba2Block(ImplicitLayer):
     """Pre-norm residual block: `z + mixer(norm(z), injection)`."""
 
     def __init__(self, config: ImplicitMamba2Config):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
+        super().__init__(config)
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = ImplicitMamba2Mixer(config)
 
@@ -226,7 +229,7 @@ class ImplicitMamba2Block(ImplicitLayer):
         ssm_state: torch.Tensor | None,
         noise: StepNoise | None = None,
     ) -> tuple[torch.Tensor, Mamba2States]:
-        residual = at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
+        residual = self.residual(hidden_states)
         normed = self.norm(hidden_states.to(self.norm.weight.dtype))
         if noise is not None:
             normed = noise.latent(normed)
@@ -234,20 +237,16 @@ class ImplicitMamba2Block(ImplicitLayer):
         return residual + mixed, states
 
 
-class ImplicitMamba2PreTrainedModel(PreTrainedModel):
+class ImplicitMamba2PreTrainedModel(ImplicitPreTrainedModel):
     config_class = ImplicitMamba2Config
     config: ImplicitMamba2Config
     base_model_prefix = "backbone"
     _no_split_modules = ["ImplicitMamba2Block"]
-    supports_gradient_checkpointing = True
-    _is_stateful = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, InputInjection):
-            module.init_weights()
-        elif isinstance(module, ImplicitMamba2Mixer):
+        if isinstance(module, ImplicitMamba2Mixer):
             config = self.config
             low, high = config.A_init_range
             init.copy_(module.A_log, torch.log(torch.empty(module.num_heads).uniform_(low, high)))
@@ -268,19 +267,14 @@ class ImplicitMamba2PreTrainedModel(PreTrainedModel):
 
 
 class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
-    """Embeddings, the shared input injection, the Mamba2 stack and its final norm, solved to a fixed point.
-
-    `forward(input_ids | inputs_embeds, attention_mask, past_key_values, use_cache)` returns an
-    `ImplicitModelOutput`; see `ImplicitBackboneMixin.forward` for the modes.
+    """Embeddings, the shared input injection, the Mamba2 stack and its final norm, solved to a fixed point
+    `z* = f(z*, u)`, `f(z, u) = norm_f(blocks(z, u))`; with `implicit=False`, one pass of the stack on the embeddings.
     """
 
     def __init__(self, config: ImplicitMamba2Config):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        if config.implicit:
-            self.injection = InputInjection(config.hidden_size, config.in_proj_size, config.layer_norm_epsilon)
-        else:
-            self.injection = None
+        self.injection = make_injection(config, config.in_proj_size)  # added to every block's in_proj output
         self.layers = nn.ModuleList([ImplicitMamba2Block(config) for _ in range(config.num_hidden_layers)])
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
@@ -291,10 +285,49 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.embeddings = new_embeddings
 
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: ImplicitMamba2Cache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: ImplicitMamba2Cache | None = None,
+        noise_generator: torch.Generator | None = None,
+        solver_overrides: dict | None = None,
+        **kwargs,
+    ) -> ImplicitModelOutput | tuple:
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument; the
+        call solves in the mode `solve_mode` picks (training: simultaneous; a cache passed in: a sequential step or a
+        prefill per `prefill_mode`; otherwise `inference_mode`). `solver_overrides` (`{"inference_mode":
+        "sequential", "eval_max_iterations": 8, ...}`, see `SOLVER_OVERRIDE_FIELDS`) sets how this call finds the
+        fixed point, leaving `model.config` alone. `noise_generator` draws the noise of the noise study (see
+        `ImplicitMamba2Config`). `output_hidden_states=True` returns the per-layer hidden states of the evaluation of
+        `f` whose output is `last_hidden_state` (see `StackRecorder`); in sequential mode each token's are joined along
+        the sequence. Mamba2 has no positions and no attention maps: `position_ids` and `output_attentions` are
+        accepted and ignored."""
+        call = FixedPointCall(self, input_ids, inputs_embeds, attention_mask, cache_argument(cache, past_key_values),
+                              use_cache, output_hidden_states, output_attentions, solver_overrides)
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        injection = self.inject(inputs_embeds)
+        stack_inputs = self.prepare_stack_inputs(call.attention_mask, None, inputs_embeds, call.past_len,
+                                                 call.output_hidden_states, noise_generator=noise_generator)
+        # All new tokens at once, or token by token against the committed states (the RNN).
+        if call.mode == "simultaneous":
+            solved = call.simultaneous(inputs_embeds, injection, stack_inputs)
+        else:
+            solved = call.sequential(inputs_embeds, injection, stack_inputs)
+        return call.output(solved, return_dict)
+
     def make_cache(self) -> ImplicitMamba2Cache:
         return ImplicitMamba2Cache()
 
-    def _prepare_stack_inputs(
+    def prepare_stack_inputs(
         self,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
@@ -302,11 +335,13 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         past_len: int,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        noise_generator: torch.Generator | None = None,
     ) -> Mamba2StackInputs:
         seq_len = inputs_embeds.shape[1]
         return Mamba2StackInputs(
             None if attention_mask is None else attention_mask[:, -seq_len:],
             output_hidden_states=output_hidden_states,
+            noise_generator=noise_generator,
             history=attention_mask if self.config.noise_active else None,
         )
 
@@ -322,7 +357,7 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
             rows = history[:, :seen].any(-1) & history[:, seen]
         return StepNoise(self.config, stack_inputs.noise_generator, rows)
 
-    def _evaluate_stack(
+    def evaluate_stack(
         self,
         hidden_states: torch.Tensor,
         injection: torch.Tensor | None,
@@ -359,17 +394,13 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
 
 
 class ImplicitMamba2ForCausalLM(ImplicitCausalLMMixin, ImplicitMamba2PreTrainedModel, GenerationMixin):
-    """Implicit Mamba2 language model. Full-sequence forwards are solved in simultaneous mode (or sequential, per
-    `config.inference_mode`); `generate()` prefills per `config.prefill_mode` and decodes token by token, iterating
-    each token to its fixed point against the committed `ImplicitMamba2Cache` before committing it once."""
+    """Implicit Mamba2 language model: `ImplicitMamba2Model` and a head tied to its embeddings. Full-sequence
+    forwards are solved in simultaneous mode (or sequential, per `config.inference_mode`); `generate()` prefills per
+    `config.prefill_mode` and decodes token by token, iterating each token to its fixed point against the committed
+    `ImplicitMamba2Cache` before committing it once."""
 
+    backbone_class = ImplicitMamba2Model
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-
-    def __init__(self, config: ImplicitMamba2Config):
-        super().__init__(config)
-        self.backbone = ImplicitMamba2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
 
 
 __all__ = [

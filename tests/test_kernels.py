@@ -15,7 +15,7 @@ from conftest import ROOT, tiny_llama, tiny_mamba2
 import modeling_implicit as mi
 from modeling_implicit import kernels, mamba2_ops
 from modeling_implicit.compat import output_cache
-from modeling_implicit.modeling_implicit_utils import ImplicitBackboneMixin
+from modeling_implicit import modeling_implicit_utils
 from modeling_implicit.solver import NORM_EPS, SolveState, picard_update_reference, solve_fixed_point
 
 triton_kernels = pytest.importorskip("modeling_implicit.triton_kernels", reason="triton is not installed")
@@ -247,8 +247,8 @@ def test_interval_divergence_is_still_reported():
 def graph_decoding(monkeypatch):
     """On a GPU, CUDA-graph decoding as users get it; on the CPU the same static-buffer path, run uncaptured."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(ImplicitBackboneMixin, "_use_decode_graphs",
-                            lambda self, embeds, config: config.cuda_graph_decoding and config.solver == "picard")
+        monkeypatch.setattr(modeling_implicit_utils, "use_decode_graphs",
+                            lambda embeds, config: config.cuda_graph_decoding and config.solver == "picard")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

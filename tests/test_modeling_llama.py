@@ -99,13 +99,13 @@ def test_sequential_and_simultaneous_prefill_commit_the_same_keys_and_values():
 def test_masks_and_rotary_tables_are_built_once_per_call(monkeypatch):
     model = tiny_llama(inference_mode="sequential", attn_implementation="eager")
     calls = []
-    build = type(model.model)._prepare_stack_inputs
+    build = type(model.model).prepare_stack_inputs
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return build(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(model.model), "_prepare_stack_inputs", counting)
+    monkeypatch.setattr(type(model.model), "prepare_stack_inputs", counting)
     mask = torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         out = model(ids(length=6), attention_mask=mask, use_cache=False)

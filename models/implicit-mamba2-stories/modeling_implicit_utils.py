@@ -1,10 +1,11 @@
-"""Pieces every implicit model shares: outputs, the fixed-point cache base, the solve driver and the causal-LM glue.
+"""Pieces every implicit model shares: outputs, the fixed-point cache base, the call driver and the causal-LM glue.
 
-An implicit backbone subclasses `ImplicitBackboneMixin` and provides the model-specific parts only:
-`_evaluate_stack` (one pass of the layer stack and its final norm, given the injected input and the committed cache),
-`_prepare_stack_inputs` (masks and positions, built once per call), `make_cache` and the module `injection` (an
-`InputInjection`, None for explicit models). Everything else (embedding, injection, which mode to solve in, the
-solver, padding, committing states, statistics, warnings, validation) lives here once.
+A family's backbone (`ImplicitMamba2Model`, `ImplicitLlamaModel`) reads top to bottom in its own `forward`: a
+`FixedPointCall` resolves the call (settings, cache, mode), then the backbone embeds, injects, builds its stack inputs
+and solves in the call's mode. What the family provides are the methods of `ImplicitBackboneMixin` that raise
+`NotImplementedError` (`make_cache`, `prepare_stack_inputs`, `evaluate_stack`); what every family shares (which mode
+to solve in, the solver, padding, committing states, CUDA-graph decoding, warm start, statistics, warnings) lives
+here once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -80,16 +82,33 @@ class InputInjection(nn.Module):
         init.zeros_(self.bias)
 
 
+def make_injection(config: ImplicitPretrainedConfig, out_features: int) -> InputInjection | None:
+    """The input injection of a family whose blocks take `out_features` injected channels; None for explicit
+    models (`implicit=False`), which evaluate the stack once on the embeddings."""
+    if not config.implicit:
+        return None
+    return InputInjection(config.hidden_size, out_features, config.layer_norm_epsilon)
+
+
 class ImplicitLayer(GradientCheckpointingLayer):
     """A block of an implicit stack. With activation checkpointing on (`model.gradient_checkpointing_enable()`), a block
     is checkpointed only when autograd records the call: the phantom steps, or every iteration of an unrolled backward.
     The tape-free solver iterations run under `no_grad`, where nothing is saved; a checkpoint there would still copy
-    the RNG states on every call (and with `use_reentrant=True` warn whenever no input requires grad)."""
+    the RNG states on every call (and with `use_reentrant=True` warn whenever no input requires grad).
+
+    `residual(z)` is the block's residual stream: in float32 with `config.residual_in_fp32`, as Mamba's blocks."""
+
+    def __init__(self, config: ImplicitPretrainedConfig):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return nn.Module.__call__(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
+
+    def residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return at_least_float32(hidden_states) if self.residual_in_fp32 else hidden_states
 
 
 @dataclass
@@ -206,7 +225,7 @@ def _detach(states: Any) -> Any:
 class ImplicitCache(Cache):
     """Base of the caches that hold an implicit model's states *at the fixed point* for sequential generation.
 
-    `states` is a tuple of tensors with the batch in dimension 0 (what the model's `_evaluate_stack` returns).
+    `states` is a tuple of tensors with the batch in dimension 0 (what the model's `evaluate_stack` returns).
     The solver only reads them while iterating on new tokens; `commit` stores the converged result once.
     Subclasses define how new states join the committed ones (`_store`) and may keep room for the tokens being solved
     (`reserve`). `fixed_point` is the last token's fixed point `(batch, 1, hidden_size)`, the start of the next
@@ -220,7 +239,7 @@ class ImplicitCache(Cache):
         self.seen_tokens = 0
 
     def _store(self, new_states: tuple, num_tokens: int) -> None:
-        """Join the `num_tokens` new tokens' states (as `_evaluate_stack` returns them, detached) to the cache."""
+        """Join the `num_tokens` new tokens' states (as `evaluate_stack` returns them, detached) to the cache."""
         raise NotImplementedError
 
     def reserve(self, num_tokens: int) -> None:
@@ -320,34 +339,255 @@ def _warn_if_not_converged(stats: SolverStats | None) -> None:
             f"{stats.residual.max().item():.3g}, iterations {stats.iterations.max().item()}); raise "
             "`eval_max_iterations`/`max_iterations` or `tolerance`, or inspect `outputs.solver_stats`.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-class ImplicitBackboneMixin:
-    """Embedding -> input injection -> fixed-point solve over the layer stack, in either mode.
+def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: ImplicitPretrainedConfig) -> str:
+    """The mode a forward call solves in; the one place these rules live.
 
-    Requires on the subclass: `config`, `get_input_embeddings()`, `injection` (an `InputInjection`, None when explicit),
-    `_evaluate_stack(z, injection, stack_inputs, cache, return_states) -> (f(z), (states, hidden_states, attentions))`
-    (the layer stack and its final norm, recording through a `StackRecorder`; it never changes the cache's committed
-    states) and `make_cache()`. Models whose layers need more than the padding mask (attention masks, positions)
-    override `_prepare_stack_inputs`.
+    - Training: simultaneous (the phantom backward differentiates the parallel solve).
+    - A cache passed in (generation): one new token is a sequential step, several are a prefill (`prefill_mode`).
+    - No cache passed, a full-sequence forward: `inference_mode`.
+    """
+    if training:
+        return "simultaneous"
+    if not cache_passed:
+        return config.inference_mode
+    return "sequential" if seq_len == 1 else config.prefill_mode
+
+
+def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
+    """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static), our
+    per-sample loop, no noise (fresh noise per iteration is not a replayable graph)."""
+    return (
+        config.cuda_graph_decoding
+        and config.implicit
+        and config.solver == "picard"
+        and config.stop_rule == "per_sample"
+        and not getattr(config, "noise_active", False)
+        and inputs_embeds.is_cuda
+        and not torch.is_grad_enabled()
+    )
+
+
+def _validated_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, past_len: int) -> torch.Tensor | None:
+    """The `(batch, past_len + seq_len)` 0/1 mask covering cached and new tokens, or None (no padding)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+        raise ValueError(f"attention_mask must have shape (batch={batch}, length); got {tuple(attention_mask.shape)}.")
+    length = attention_mask.shape[1]
+    if length == seq_len and past_len > 0:
+        raise ValueError(
+            f"attention_mask covers only the {seq_len} new tokens but the cache holds {past_len}; pass the mask of "
+            f"the whole sequence, shape ({batch}, {past_len + seq_len})."
+        )
+    if length != past_len + seq_len:
+        raise ValueError(
+            f"attention_mask has length {length}; expected {past_len + seq_len} (cached {past_len} + new {seq_len})."
+        )
+    if bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+@dataclass
+class SolvedStack:
+    """A call's fixed point `(batch, seq_len, hidden_size)`, its solver statistics (None for explicit models) and
+    what the evaluation that produced it recorded (see `StackRecorder`)."""
+
+    hidden: torch.Tensor
+    stats: SolverStats | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
+
+
+class FixedPointCall:
+    """One forward call of an implicit backbone, resolved once: its solver settings (`config`, the model's or a
+    validated copy with the call's `solver_overrides`), its cache, the committed length `past_len`, the validated
+    `attention_mask` and the `mode` (`solve_mode`). A family's `forward` makes one, embeds and injects the input,
+    builds its stack inputs and calls the method of the mode, `simultaneous` or `sequential`; `output` packs the
+    result. The fixed-point map of the call is `function`.
+    """
+
+    def __init__(
+        self,
+        backbone: ImplicitBackboneMixin,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: ImplicitCache | None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        solver_overrides: dict[str, Any] | None = None,
+    ):
+        backbone.validate_inputs(input_ids, inputs_embeds)
+        if cache is not None and not isinstance(cache, ImplicitCache):
+            raise TypeError(
+                f"{CACHE_NAME} must be the model's own cache ({type(backbone.make_cache()).__name__}); "
+                f"got {type(cache).__name__}."
+            )
+        self.backbone = backbone
+        self.config = backbone.resolve_config(solver_overrides)
+        self.training = backbone.training
+        batch, self.seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self.mode = solve_mode(self.training, cache is not None, self.seq_len, self.config)
+        self.use_cache = not self.training and (backbone.config.use_cache if use_cache is None else use_cache)
+        self.cache = backbone.make_cache() if cache is None and self.use_cache else cache
+        self.past_len = 0 if self.cache is None else self.cache.get_seq_length()
+        if self.cache is not None:
+            self.cache.reserve(self.seq_len)
+        self.attention_mask = _validated_mask(attention_mask, batch, self.seq_len, self.past_len)
+        defaults = backbone.config
+        self.output_hidden_states = bool(
+            getattr(defaults, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states
+        )
+        self.output_attentions = bool(
+            getattr(defaults, "output_attentions", False) if output_attentions is None else output_attentions
+        )
+
+    def function(
+        self, injection: torch.Tensor | None, stack_inputs: StackInputs, cache: ImplicitCache | None,
+        return_states: bool,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
+        """`z -> (f(z), (states, hidden_states, attentions))`: one evaluation of the stack against the committed
+        `cache` (only read), padding positions held at zero."""
+        keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
+        evaluate = self.backbone.evaluate_stack
+
+        def f(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            out, aux = evaluate(z, injection, stack_inputs, cache, return_states)
+            out = out.to(z.dtype)
+            if keep is not None:
+                out = out * keep.to(out.dtype)
+            return out, aux
+
+        return f
+
+    def _solve(self, f: Callable, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
+               ) -> FixedPointResult:
+        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop); an
+        explicit model evaluates the stack once on `embeddings`."""
+        if not self.config.implicit:
+            z, aux = f(embeddings)
+            return FixedPointResult(z, aux, None)
+        settings = SolverSettings.from_config(self.config, training=self.training, mode=mode)
+        return solve_fixed_point(f, torch.zeros_like(embeddings) if start is None else start, settings)
+
+    def simultaneous(self, inputs_embeds: torch.Tensor, injection: torch.Tensor | None, stack_inputs: StackInputs
+                     ) -> SolvedStack:
+        """All new tokens iterate together (training, full-sequence forwards, a simultaneous prefill); the states
+        of the fixed point are committed to the cache once."""
+        cache = self.cache
+        result = self._solve(self.function(injection, stack_inputs, cache, return_states=cache is not None),
+                             inputs_embeds, "simultaneous")
+        states, hidden_states, attentions = result.aux
+        if cache is not None:
+            cache.commit(states, self.seq_len, fixed_point=result.z[:, -1:])
+        return SolvedStack(result.z, result.stats, hidden_states, attentions)
+
+    def sequential(self, inputs_embeds: torch.Tensor, injection: torch.Tensor | None, stack_inputs: StackInputs
+                   ) -> SolvedStack:
+        """Token by token, as an RNN: each token iterated to its fixed point against the committed states, then
+        committed (a cache carries the states even when none is returned)."""
+        if self.cache is None:
+            self.cache = self.backbone.make_cache()
+        cache, outputs, stats, hidden_states, attentions = self.cache, [], [], [], []
+        for t in range(self.seq_len):
+            token_injection = None if injection is None else injection[:, t : t + 1]
+            token_inputs = stack_inputs.token(t, self.past_len)
+            start = self._warm_start(token_inputs)
+            result = None
+            if self.seq_len == 1 and use_decode_graphs(inputs_embeds, self.config):
+                result = self._solve_with_graph(token_injection, token_inputs, start, inputs_embeds)
+            if result is None:
+                f = self.function(token_injection, token_inputs, cache, return_states=True)
+                result = self._solve(f, inputs_embeds[:, t : t + 1], "sequential", start)
+            states, token_hidden, token_attention = result.aux
+            cache.commit(states, 1, fixed_point=result.z)
+            outputs.append(result.z)
+            stats.append(result.stats)
+            hidden_states.append(token_hidden)
+            attentions.append(token_attention)
+        return SolvedStack(
+            torch.cat(outputs, dim=1),
+            SolverStats.stack(stats) if self.config.implicit else None,
+            _join_tokens(hidden_states, dim=1),
+            _join_token_attentions(attentions),
+        )
+
+    def _warm_start(self, stack_inputs: StackInputs) -> torch.Tensor | None:
+        """The previous token's fixed point when `warm_start` and the cache holds one; zero for padding (whose fixed
+        point is zero), so a padded token still converges at once."""
+        if not (self.config.warm_start and self.config.implicit) or self.cache.fixed_point is None:
+            return None
+        start = self.cache.fixed_point
+        if stack_inputs.padding_mask is not None:
+            start = start * stack_inputs.padding_mask[..., None].to(start.dtype)
+        return start
+
+    def _solve_with_graph(
+        self, injection: torch.Tensor | None, stack_inputs: StackInputs, start: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+    ) -> FixedPointResult | None:
+        """One decode token through the backbone's `DecodeGraphs` (None: this shape runs eagerly)."""
+        backbone, cache = self.backbone, self.cache
+        if getattr(backbone, "_decode_graphs", None) is None:
+            backbone._decode_graphs = DecodeGraphs()
+        # A graph's static cache keeps the token count it was captured with: where the count matters (the Llama
+        # cache's committed length) it is the states' shape, which is part of the graph's key.
+        seen_tokens = cache.seen_tokens
+
+        def make_function(static_injection, static_inputs, static_states):
+            static_cache = backbone.make_cache()
+            static_cache.restore(CacheSnapshot(static_states, seen_tokens, None))
+            return self.function(static_injection, static_inputs, static_cache, return_states=True)
+
+        return backbone._decode_graphs.solve(
+            make_function,
+            injection,
+            stack_inputs,
+            cache.states,
+            torch.zeros_like(inputs_embeds) if start is None else start,
+            SolverSettings.from_config(self.config, training=False, mode="sequential"),
+            capture=inputs_embeds.is_cuda,
+            weights=tuple(parameter.data_ptr() for parameter in backbone.parameters()),
+        )
+
+    def output(self, solved: SolvedStack, return_dict: bool | None) -> ImplicitModelOutput | tuple:
+        """The backbone's output; warns about solves that hit the cap at inference (a training cap is part of the
+        recipe, and `early_stop=False` asks for a fixed count)."""
+        if not self.training and self.config.early_stop:
+            _warn_if_not_converged(solved.stats)
+        output = ImplicitModelOutput(
+            last_hidden_state=solved.hidden,
+            **cache_field(self.cache if self.use_cache else None),
+            hidden_states=solved.hidden_states,
+            attentions=solved.attentions,
+            solver_stats=solved.stats,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class ImplicitBackboneMixin:
+    """What every implicit backbone shares. Its family provides the model-specific parts, below as methods that raise
+    `NotImplementedError`: the cache (`make_cache`), what every evaluation of the stack needs besides `z`
+    (`prepare_stack_inputs`: masks, positions, recording flags) and one pass of the layer stack and its final norm
+    (`evaluate_stack`); and a `forward` that embeds, injects and solves through a `FixedPointCall`. Requires
+    `config`, `injection` (an `InputInjection`, None when explicit) and `get_input_embeddings()`.
 
     The recorded hidden states and attention maps travel with the states in the solver's auxiliary output, which the
     solver keeps per sample from the same evaluation as the sample's result: what `output_hidden_states=True` returns
     belongs to the evaluation of `f` whose output is `last_hidden_state`.
     """
 
-    def _solve_mode(self, seq_len: int, passed_cache: ImplicitCache | None, config: ImplicitPretrainedConfig) -> str:
-        """Training: simultaneous. A cache passed in (generation): one token is a sequential step, several are a
-        prefill (`prefill_mode`). No cache passed: a full-sequence forward (`inference_mode`)."""
-        if self.training:
-            return "simultaneous"
-        if passed_cache is None:
-            return config.inference_mode
-        return "sequential" if seq_len == 1 else config.prefill_mode
+    def make_cache(self) -> ImplicitCache:
+        """An empty cache of this family's fixed-point states."""
+        raise NotImplementedError
 
-    def _prepare_stack_inputs(
+    def prepare_stack_inputs(
         self,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
@@ -355,14 +595,53 @@ class ImplicitBackboneMixin:
         past_len: int,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        noise_generator: torch.Generator | None = None,
     ) -> StackInputs:
         """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
-        `(batch, past_len + seq_len)` mask or `None` (no padding). Models without positions ignore `position_ids`,
-        models without attention `output_attentions`."""
-        seq_len = inputs_embeds.shape[1]
-        return StackInputs(
-            None if attention_mask is None else attention_mask[:, -seq_len:], output_hidden_states=output_hidden_states
-        )
+        `(batch, past_len + seq_len)` mask or None (no padding)."""
+        raise NotImplementedError
+
+    def evaluate_stack(
+        self,
+        hidden_states: torch.Tensor,
+        injection: torch.Tensor | None,
+        stack_inputs: StackInputs,
+        cache: ImplicitCache | None,
+        return_states: bool,
+    ) -> tuple[torch.Tensor, tuple[Any, tuple | None, tuple | None]]:
+        """One pass of the layer stack and its final norm: `(f(z), (states, hidden_states, attentions))`, the states
+        of the new tokens when `return_states`, recorded through a `StackRecorder`. It reads the committed states of
+        `cache` and never changes them."""
+        raise NotImplementedError
+
+    def inject(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+        """The injected input `u`, added at every iteration to every block's input projection; None when the config
+        is explicit (also an implicit model's weights run as the explicit model, as `eval.jacobian` compares)."""
+        return self.injection(inputs_embeds) if self.config.implicit else None
+
+    def resolve_config(self, solver_overrides: dict[str, Any] | None) -> ImplicitPretrainedConfig:
+        """The settings of one call: a validated copy with `solver_overrides`, or the model's config, validated again
+        only when its fields changed since the last call."""
+        if solver_overrides:
+            return self.config.with_overrides(solver_overrides)
+        fields = dict(vars(self.config))
+        if fields != getattr(self, "_validated_config_fields", None):
+            self.config.validate()
+            self._validated_config_fields = fields
+        return self.config
+
+    def validate_inputs(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.dim() < 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"Empty input: expected (batch, seq_len) with both > 0, got shape {tuple(tokens.shape)}.")
+        if input_ids is not None:
+            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"Token ids must lie in [0, {self.config.vocab_size}) (config.vocab_size); got ids in [{low}, {high}]."
+                )
 
     def fixed_point_function(
         self,
@@ -377,273 +656,41 @@ class ImplicitBackboneMixin:
         `z (batch, seq_len, hidden_size) -> (f(z), (states, hidden_states, attentions))`, the input injected and
         padding positions held at zero, built as `forward` builds it (the states are returned when a cache is given).
         For analyses such as the Jacobian of `f` (`eval.jacobian`), tests, and solvers of one's own."""
-        self._validate_inputs(input_ids, inputs_embeds)
+        call = FixedPointCall(self, input_ids, inputs_embeds, attention_mask, cache, use_cache=False)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past_len = 0 if cache is None else cache.get_seq_length()
-        stack_inputs, injection = self._prepare_call(inputs_embeds, attention_mask, position_ids, past_len)
-        return self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
+        stack_inputs = self.prepare_stack_inputs(call.attention_mask, position_ids, inputs_embeds, call.past_len)
+        return call.function(self.inject(inputs_embeds), stack_inputs, cache, return_states=cache is not None)
 
-    def _prepare_call(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-        past_len: int,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        noise_generator: torch.Generator | None = None,
-    ) -> tuple[StackInputs, torch.Tensor | None]:
-        """What every evaluation of the stack in one call shares: the stack inputs (validated mask, positions,
-        recording flags, noise generator) and the injected input (None for explicit models)."""
-        batch, seq_len = inputs_embeds.shape[:2]
-        mask = self._prepare_mask(attention_mask, batch, seq_len, past_len)
-        stack_inputs = self._prepare_stack_inputs(
-            mask, position_ids, inputs_embeds, past_len, output_hidden_states, output_attentions
-        )
-        if noise_generator is not None:
-            stack_inputs = replace(stack_inputs, noise_generator=noise_generator)
-        injection = self.injection(inputs_embeds) if self.config.implicit else None
-        return stack_inputs, injection
 
-    def _fixed_point_function(
-        self,
-        injection: torch.Tensor | None,
-        stack_inputs: StackInputs,
-        cache: ImplicitCache | None,
-        return_states: bool,
-    ):
-        keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
+class ImplicitPreTrainedModel(PreTrainedModel):
+    """What the pretrained-model classes of every family share: gradient checkpointing of the blocks (see
+    `ImplicitLayer`), recurrent states (no assisted decoding: they cannot be rolled back) and the initialisation of
+    the input injection. A family's subclass sets `config_class`, `base_model_prefix` and `_no_split_modules`, and
+    initialises its own modules after calling this `_init_weights`."""
 
-        def fn(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            out, aux = self._evaluate_stack(z, injection, stack_inputs, cache, return_states)
-            out = out.to(z.dtype)
-            if keep is not None:
-                out = out * keep.to(out.dtype)
-            return out, aux
+    supports_gradient_checkpointing = True
+    _is_stateful = True
 
-        return fn
-
-    def _solve(
-        self, fn, embeddings: torch.Tensor, mode: str, config: ImplicitPretrainedConfig,
-        start: torch.Tensor | None = None,
-    ) -> FixedPointResult:
-        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop) with the
-        call's settings; an explicit model evaluates the stack once on `embeddings`."""
-        if not config.implicit:
-            z, states = fn(embeddings)
-            return FixedPointResult(z, states, None)
-        settings = SolverSettings.from_config(config, training=self.training, mode=mode)
-        return solve_fixed_point(fn, torch.zeros_like(embeddings) if start is None else start, settings)
-
-    def _use_decode_graphs(self, inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
-        """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static), our
-        per-sample loop."""
-        return (
-            config.cuda_graph_decoding
-            and config.implicit
-            and config.solver == "picard"
-            and config.stop_rule == "per_sample"
-            and not getattr(config, "noise_active", False)  # fresh noise per iteration: not a replayable graph
-            and inputs_embeds.is_cuda
-            and not torch.is_grad_enabled()
-        )
-
-    def _solve_with_graph(
-        self,
-        injection: torch.Tensor | None,
-        stack_inputs: StackInputs,
-        cache: ImplicitCache,
-        start: torch.Tensor | None,
-        inputs_embeds: torch.Tensor,
-        config: ImplicitPretrainedConfig,
-    ) -> FixedPointResult | None:
-        """One decode token through `DecodeGraphs` (None: this shape runs eagerly)."""
-        if getattr(self, "_decode_graphs", None) is None:
-            self._decode_graphs = DecodeGraphs()
-
-        # A graph's static cache keeps the token count it was captured with: where the count matters (the Llama
-        # cache's committed length) it is the states' shape, which is part of the graph's key.
-        seen_tokens = cache.seen_tokens
-
-        def make_fn(static_injection, static_inputs, static_states):
-            static_cache = self.make_cache()
-            static_cache.restore(CacheSnapshot(static_states, seen_tokens, None))
-            return self._fixed_point_function(static_injection, static_inputs, static_cache, return_states=True)
-
-        return self._decode_graphs.solve(
-            make_fn,
-            injection,
-            stack_inputs,
-            cache.states,
-            torch.zeros_like(inputs_embeds) if start is None else start,
-            SolverSettings.from_config(config, training=False, mode="sequential"),
-            capture=inputs_embeds.is_cuda,
-            weights=tuple(parameter.data_ptr() for parameter in self.parameters()),
-        )
-
-    def _warm_start(
-        self, cache: ImplicitCache, stack_inputs: StackInputs, config: ImplicitPretrainedConfig
-    ) -> torch.Tensor | None:
-        """The previous token's fixed point when `config.warm_start` and the cache holds one; zero for padding (whose
-        fixed point is zero), so a padded token still converges at once."""
-        if not (config.warm_start and config.implicit) or cache.fixed_point is None:
-            return None
-        start = cache.fixed_point
-        if stack_inputs.padding_mask is not None:
-            start = start * stack_inputs.padding_mask[..., None].to(start.dtype)
-        return start
-
-    def _validate_inputs(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
-    ) -> None:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if tokens.dim() < 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"Empty input: expected (batch, seq_len) with both > 0, got shape {tuple(tokens.shape)}.")
-        if input_ids is not None:
-            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"Token ids must lie in [0, {self.config.vocab_size}) (config.vocab_size); got ids in [{low}, {high}]."
-                )
-
-    @staticmethod
-    def _prepare_mask(
-        attention_mask: torch.Tensor | None, batch: int, seq_len: int, past_len: int
-    ) -> torch.Tensor | None:
-        """Return the `(batch, past_len + seq_len)` 0/1 mask covering cached and new tokens, or None (no padding)."""
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
-            raise ValueError(f"attention_mask must have shape (batch={batch}, length); got {tuple(attention_mask.shape)}.")
-        length = attention_mask.shape[1]
-        if length == seq_len and past_len > 0:
-            raise ValueError(
-                f"attention_mask covers only the {seq_len} new tokens but the cache holds {past_len}; pass the mask of "
-                f"the whole sequence, shape ({batch}, {past_len + seq_len})."
-            )
-        if length != past_len + seq_len:
-            raise ValueError(
-                f"attention_mask has length {length}; expected {past_len + seq_len} (cached {past_len} + new {seq_len})."
-            )
-        if bool(attention_mask.all()):
-            return None
-        return attention_mask
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: ImplicitCache | None = None,
-        use_cache: bool | None = None,
-        position_ids: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: ImplicitCache | None = None,
-        noise_generator: torch.Generator | None = None,
-        solver_overrides: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> ImplicitModelOutput | tuple:
-        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument.
-
-        `output_hidden_states=True` returns the per-layer hidden states of the evaluation of `f` whose output is
-        `last_hidden_state` (see `StackRecorder`: `hidden_states[-1]` is `last_hidden_state`, `hidden_states[0]` the
-        iterate that evaluation started from, about `z*`); `output_attentions=True` (attention models) that
-        evaluation's attention maps, computed with eager attention. In sequential mode each token's are joined along
-        the sequence (attention rows padded with zeros for the keys a token cannot see). Training with
-        `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones are the last's.
-        `noise_generator` draws the noise of a model whose config turns the noise study on (Mamba2).
-        `solver_overrides` (`{"inference_mode": "sequential", "eval_max_iterations": 8, ...}`, see
-        `SOLVER_OVERRIDE_FIELDS`) sets how this call finds the fixed point, without changing `model.config`.
-        """
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        if output_attentions is None:
-            output_attentions = getattr(self.config, "output_attentions", False)
-        if solver_overrides:
-            config = self.config.with_overrides(solver_overrides)  # validated copy
-        else:
-            config = self.config
-            config.validate()
-        self._validate_inputs(input_ids, inputs_embeds)
-        passed_cache = cache_argument(cache, past_key_values)
-        if passed_cache is not None and not isinstance(passed_cache, ImplicitCache):
-            raise TypeError(
-                f"{CACHE_NAME} must be the model's own cache ({type(self.make_cache()).__name__}); "
-                f"got {type(passed_cache).__name__}."
-            )
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training:
-            use_cache = False
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        seq_len = inputs_embeds.shape[1]
-        cache = passed_cache
-        if use_cache and cache is None:
-            cache = self.make_cache()
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if cache is not None:
-            cache.reserve(seq_len)
-        stack_inputs, injection = self._prepare_call(
-            inputs_embeds, attention_mask, position_ids, past_len, bool(output_hidden_states),
-            bool(output_attentions), noise_generator,
-        )
-
-        if self._solve_mode(seq_len, passed_cache, config) == "simultaneous":
-            fn = self._fixed_point_function(injection, stack_inputs, cache, return_states=cache is not None)
-            result = self._solve(fn, inputs_embeds, "simultaneous", config)
-            states, hidden_states, attentions = result.aux
-            if cache is not None:
-                cache.commit(states, seq_len, fixed_point=result.z[:, -1:])
-            hidden, stats = result.z, result.stats
-        else:
-            # Token by token; a cache is needed to carry the committed states even when none is returned.
-            cache = cache if cache is not None else self.make_cache()
-            outputs, token_stats, token_hidden_states, token_attentions = [], [], [], []
-            for t in range(seq_len):
-                token_injection = None if injection is None else injection[:, t : t + 1]
-                token_inputs = stack_inputs.token(t, past_len)
-                start = self._warm_start(cache, token_inputs, config)
-                result = None
-                if seq_len == 1 and self._use_decode_graphs(inputs_embeds, config):
-                    result = self._solve_with_graph(token_injection, token_inputs, cache, start, inputs_embeds, config)
-                if result is None:
-                    fn = self._fixed_point_function(token_injection, token_inputs, cache, return_states=True)
-                    result = self._solve(fn, inputs_embeds[:, t : t + 1], "sequential", config, start)
-                states, token_hidden, token_attention = result.aux
-                cache.commit(states, 1, fixed_point=result.z)
-                outputs.append(result.z)
-                token_stats.append(result.stats)
-                token_hidden_states.append(token_hidden)
-                token_attentions.append(token_attention)
-            hidden = torch.cat(outputs, dim=1)
-            stats = SolverStats.stack(token_stats) if self.config.implicit else None
-            hidden_states = _join_tokens(token_hidden_states, dim=1)
-            attentions = _join_token_attentions(token_attentions)
-
-        if not self.training and config.early_stop:  # a training cap is part of the recipe; a fixed count is asked
-            _warn_if_not_converged(stats)
-        output = ImplicitModelOutput(
-            last_hidden_state=hidden,
-            **cache_field(cache if use_cache else None),
-            hidden_states=hidden_states,
-            attentions=attentions,
-            solver_stats=stats,
-        )
-        return output if return_dict is not False else output.to_tuple()
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InputInjection):
+            module.init_weights()
 
 
 class ImplicitCausalLMMixin(RecurrentGenerationMixin):
-    """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs.
-
-    Requires on the subclass: the backbone under `base_model_prefix` and `lm_head`.
+    """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs: the backbone (`backbone_class`, under
+    `base_model_prefix`) and a bias-free `lm_head`, tied to the input embeddings by the family's `_tied_weights_keys`.
     """
 
-    _is_stateful = True  # no assisted decoding: recurrent states cannot be rolled back
+    backbone_class: type[nn.Module]
+
+    def __init__(self, config: ImplicitPretrainedConfig):
+        super().__init__(config)
+        setattr(self, self.base_model_prefix, self.backbone_class(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.get_input_embeddings()
@@ -704,8 +751,8 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
-            noise_generator=noise_generator,
             solver_overrides=solver_overrides,
+            **({} if noise_generator is None else {"noise_generator": noise_generator}),
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
