@@ -13,12 +13,11 @@ import torch
 from conftest import tiny_llama, tiny_mamba2
 from implicit_lm.benchmarks.phantom_memory import measure
 from implicit_lm.training.curriculum import (
-    NO_EARLY_STOP,
     Curriculum,
     CurriculumCallback,
     CurriculumError,
     Phase,
-    implicit_configs,
+    implicit_backbones,
     resolve_curriculum,
 )
 from implicit_lm.training.schedule import lr_multiplier, make_scheduler
@@ -30,8 +29,8 @@ def two_phases(first: int = 2, second: int = 5) -> Curriculum:
     """Two halves with distinguishable iteration caps, each running its cap exactly."""
     return Curriculum(
         (
-            Phase("first", 0.5, max_iterations=first, tolerance=NO_EARLY_STOP, phantom_steps=1),
-            Phase("second", 0.5, max_iterations=second, tolerance=NO_EARLY_STOP, phantom_steps=2),
+            Phase("first", 0.5, max_iterations=first, tolerance=None, phantom_steps=1),
+            Phase("second", 0.5, max_iterations=second, tolerance=None, phantom_steps=2),
         )
     )
 
@@ -136,23 +135,18 @@ def test_phase_index():
 # ---------------------------------------------------------------------------------------------------- apply
 
 
-def test_apply_sets_the_fields_and_validates():
+def test_overrides_are_each_phases_settings():
     config = tiny_mamba2().config
+    before = config.to_dict()
     curriculum = Curriculum.paper("mamba2")
-    curriculum.apply(config, 0)
-    assert (config.max_iterations, config.tolerance, config.phantom_steps, config.backward) == (
-        4,
-        NO_EARLY_STOP,
-        1,
-        "phantom",
-    )
-    curriculum.apply(config, 1)
-    assert (config.max_iterations, config.tolerance, config.phantom_steps) == (24, 0.05, 4)
+    assert curriculum.overrides(0) == dict(max_iterations=4, early_stop=False, phantom_steps=1, backward="phantom")
+    second = curriculum.overrides(1)
+    assert (second["max_iterations"], second["tolerance"], second["phantom_steps"]) == (24, 0.05, 4)
     with pytest.raises(CurriculumError, match="out of range"):
-        curriculum.apply(config, 2)
-    namespace = SimpleNamespace()  # configs without `validate` are set all the same
-    curriculum.apply(namespace, 0)
-    assert namespace.max_iterations == 4
+        curriculum.overrides(2)
+    resolved = config.with_overrides(curriculum.overrides(0))  # what a training forward runs with
+    assert (resolved.max_iterations, resolved.early_stop, resolved.phantom_steps) == (4, False, 1)
+    assert config.to_dict() == before
 
 
 def test_applied_phase_runs_its_iterations(make_model):
@@ -161,15 +155,15 @@ def test_applied_phase_runs_its_iterations(make_model):
     input_ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     curriculum = Curriculum(
         (
-            Phase("bounded", 0.5, max_iterations=3, tolerance=NO_EARLY_STOP, phantom_steps=1),
-            Phase("unrolled", 0.5, max_iterations=7, tolerance=NO_EARLY_STOP, phantom_steps=1, backward="unrolled"),
+            Phase("bounded", 0.5, max_iterations=3, tolerance=None, phantom_steps=1),
+            Phase("unrolled", 0.5, max_iterations=7, tolerance=None, phantom_steps=1, backward="unrolled"),
         )
     )
     for index, expected in ((0, 3), (1, 7)):
-        curriculum.apply(model.config, index)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mi.ConvergenceWarning)
-            outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+            outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False,
+                            solver_overrides=curriculum.overrides(index))
         assert outputs.solver_stats.iterations.tolist() == [expected, expected]
         outputs.loss.backward()
 
@@ -208,7 +202,7 @@ def test_load_json_and_yaml(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(expected.to_dict()))
     (tmp_path / "c.yaml").write_text(
         "phases:\n"
-        "  - {name: bounded, fraction: 0.8, max_iterations: 4, tolerance: 1.0e-30, phantom_steps: 1}\n"
+        "  - {name: bounded, fraction: 0.8, max_iterations: 4, tolerance: null, phantom_steps: 1}\n"
         "  - name: free\n    fraction: 0.2\n    max_iterations: 24\n    tolerance: 0.05\n    phantom_steps: 4\n"
     )
     assert Curriculum.load(tmp_path / "c.json") == expected
@@ -237,12 +231,7 @@ def test_load_json_and_yaml(tmp_path):
 @pytest.mark.parametrize("family, free_cap", [("mamba2", 24), ("llama", 32)])
 def test_paper_curriculum(family, free_cap):
     bounded, free = Curriculum.paper(family).phases
-    assert (bounded.fraction, bounded.max_iterations, bounded.tolerance, bounded.phantom_steps) == (
-        0.8,
-        4,
-        NO_EARLY_STOP,
-        1,
-    )
+    assert (bounded.fraction, bounded.max_iterations, bounded.tolerance, bounded.phantom_steps) == (0.8, 4, None, 1)
     assert (free.fraction, free.max_iterations, free.tolerance, free.phantom_steps) == (0.2, free_cap, 0.05, 4)
     assert bounded.backward == free.backward == "phantom"
     with pytest.raises(CurriculumError, match="Unknown model family"):
@@ -254,7 +243,8 @@ def test_resolve_curriculum(tmp_path):
     for spec in (None, "none"):
         (phase,) = resolve_curriculum(spec, config).phases
         assert phase.fraction == 1
-        assert phase.settings() == dict(max_iterations=60, tolerance=1e-6, phantom_steps=4, backward="phantom")
+        assert phase.settings() == dict(max_iterations=60, tolerance=1e-6, early_stop=True, phantom_steps=4,
+                                        backward="phantom")
     assert resolve_curriculum("paper", config) == Curriculum.paper("llama")
     assert resolve_curriculum("paper", tiny_mamba2().config) == Curriculum.paper("mamba2")
     path = tmp_path / "two.json"
@@ -354,6 +344,7 @@ def test_callback_switches_phases_in_a_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_mamba2()
+    config_before = model.config.to_dict()
     iterations_per_forward = []
 
     def record(module, args, output):
@@ -381,7 +372,10 @@ def test_callback_switches_phases_in_a_trainer(tmp_path):
     assert iterations_per_forward == [[2, 2]] * 3 + [[5, 5]] * 3
     assert callback.switches == [(0, "first"), (3, "second")]
     assert callback.phase_index == 1
-    assert model.config.max_iterations == 5 and model.config.phantom_steps == 2
+    assert model.base_model.training_overrides["max_iterations"] == 5
+    assert model.base_model.training_overrides["phantom_steps"] == 2
+    assert (model.config.max_iterations, model.config.phantom_steps) == (config_before["max_iterations"],
+                                                                        config_before["phantom_steps"])
 
 
 class _Wrapper(torch.nn.Module):
@@ -400,8 +394,8 @@ def test_callback_on_resume_and_through_wrappers():
     state = TrainerState(global_step=4, max_steps=6)  # resumed in the second half
     callback.on_train_begin(None, state, TrainerControl(), model=_Wrapper(model))
     assert callback.switches == [(4, "second")]
-    assert model.config.max_iterations == 5
-    assert implicit_configs(_Wrapper(model)) == [model.config]  # the backbone shares its LM's config: set once
+    assert model.base_model.training_overrides["max_iterations"] == 5
+    assert implicit_backbones(_Wrapper(model)) == [model.base_model]  # one backbone inside the LM and its wrapper
     state.global_step = 5
     callback.on_step_begin(None, state, TrainerControl(), model=_Wrapper(model))
     assert callback.switches == [(4, "second")]  # no switch inside a phase

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 TEXT = "mary went to the kitchen and john went to the garden . " * 40
 CURRICULUM = {
     "phases": [
-        {"name": "bounded", "fraction": 0.5, "max_iterations": 2, "tolerance": 1e-30, "phantom_steps": 1},
+        {"name": "bounded", "fraction": 0.5, "max_iterations": 2, "tolerance": None, "phantom_steps": 1},
         {"name": "free", "fraction": 0.5, "max_iterations": 8, "tolerance": 0.05, "phantom_steps": 2},
     ]
 }

@@ -4,17 +4,18 @@ solver settings it trains with.
 The paper ("Implicit Language Models are RNNs", App. D.3) trains in two phases: a *bounded* phase of 80% of the steps
 with four tape-free solver iterations and one phantom-gradient step (the "(4 + 1)" model), then a *free* phase with up
 to 24 (Mamba2) or 32 (Llama) iterations, stopping at a relative residual of 0.05, and four phantom steps. A
-`Curriculum` holds such phases; `Curriculum.apply` writes a phase's settings into a model config, which every forward
-reads, so switching phases needs no other code path. Custom loops call `phase_index` + `apply` at every optimizer step;
-`transformers.Trainer` users add a `CurriculumCallback`.
+`Curriculum` holds such phases; a phase's settings are solver overrides (`Curriculum.overrides`), passed with every
+training forward (`model(..., solver_overrides=...)`), so the model's config is never changed. Custom loops call
+`phase_index` + `overrides` at every optimizer step; `transformers.Trainer` users add a `CurriculumCallback`.
 
 A curriculum file (JSON or YAML) is the `to_dict` form:
 
     phases:
-      - {name: bounded, fraction: 0.8, max_iterations: 4, tolerance: 1.0e-30, phantom_steps: 1}
+      - {name: bounded, fraction: 0.8, max_iterations: 4, tolerance: null, phantom_steps: 1}
       - {name: free, fraction: 0.2, max_iterations: 24, tolerance: 0.05, phantom_steps: 4, backward: phantom}
 
-(YAML reads `1e-30` without a dot as a string: write `1.0e-30`.)
+`tolerance: null` (None) states a fixed number of iterations: the phase runs exactly `max_iterations`, without early
+stopping (`early_stop=False`).
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ from modeling_implicit import ImplicitPretrainedConfig
 
 logger = logging.getLogger(__name__)
 
-# A stop tolerance no residual falls below (the config requires a finite tolerance > 0): a phase with it runs exactly
-# `max_iterations` iterations, as the paper's bounded phase does. Residuals are at least float32, where it is a normal
-# number, and a relative residual is at least float32's or float64's rounding error unless f(z) == z exactly.
-NO_EARLY_STOP = 1e-30
-
 # model_type of each implicit config -> the family name `Curriculum.paper` takes.
 FAMILIES = {"implicit_mamba2": "mamba2", "implicit_llama": "llama"}
 # The free phase's iteration cap in the paper; everything else is shared by both families.
@@ -61,7 +57,8 @@ class Phase:
         name: unique within the curriculum; used in logs and checkpoints.
         fraction: share of the total optimizer steps, in (0, 1].
         max_iterations: cap on tape-free solver iterations while training (`config.max_iterations`).
-        tolerance: stop tolerance of the solve while training (`config.tolerance`); `NO_EARLY_STOP` runs the cap.
+        tolerance: stop tolerance of the solve while training (`config.tolerance`); None runs exactly
+            `max_iterations` iterations (`early_stop=False`), as the paper's bounded phase does.
         phantom_steps: phantom-gradient steps after the solve (`config.phantom_steps`).
         backward: `"phantom"` (default) or `"unrolled"` (`config.backward`).
     """
@@ -69,7 +66,7 @@ class Phase:
     name: str
     fraction: float
     max_iterations: int
-    tolerance: float
+    tolerance: float | None
     phantom_steps: int
     backward: str = "phantom"
 
@@ -86,13 +83,10 @@ class Phase:
             raise CurriculumError(f"Phase {self.name!r}: {error}") from None
 
     def settings(self) -> dict[str, Any]:
-        """The config fields this phase sets."""
-        return {
-            "max_iterations": self.max_iterations,
-            "tolerance": self.tolerance,
-            "phantom_steps": self.phantom_steps,
-            "backward": self.backward,
-        }
+        """The solver settings of this phase, as `solver_overrides` of its training forwards."""
+        stop = {"early_stop": False} if self.tolerance is None else {"tolerance": self.tolerance, "early_stop": True}
+        return {"max_iterations": self.max_iterations, **stop, "phantom_steps": self.phantom_steps,
+                "backward": self.backward}
 
 
 _PHASE_FIELDS = tuple(field.name for field in dataclasses.fields(Phase))
@@ -151,14 +145,11 @@ class Curriculum:
             raise CurriculumError(f"step must be a non-negative integer, got {step!r}.")
         return bisect.bisect_right(self.boundaries(total_steps), step) - 1
 
-    def apply(self, config: Any, index: int) -> None:
-        """Set phase `index`'s solver settings on a model config, then validate the config (when it can)."""
+    def overrides(self, index: int) -> dict[str, Any]:
+        """Phase `index`'s settings, the `solver_overrides` of every training forward in that phase."""
         if not 0 <= index < len(self.phases):
             raise CurriculumError(f"Phase index {index} out of range for {len(self.phases)} phases.")
-        for name, value in self.phases[index].settings().items():
-            setattr(config, name, value)
-        if hasattr(config, "validate"):
-            config.validate()
+        return self.phases[index].settings()
 
     def describe(self, total_steps: int) -> str:
         """One line per phase: its step range in a run of `total_steps` steps and its settings, for logs."""
@@ -239,7 +230,7 @@ class Curriculum:
             raise CurriculumError(f"Unknown model family {family!r}; expected one of {sorted(_PAPER_FREE_ITERATIONS)}.")
         return cls(
             (
-                Phase("bounded", 0.8, max_iterations=4, tolerance=NO_EARLY_STOP, phantom_steps=1),
+                Phase("bounded", 0.8, max_iterations=4, tolerance=None, phantom_steps=1),
                 Phase("free", 0.2, max_iterations=_PAPER_FREE_ITERATIONS[family], tolerance=0.05, phantom_steps=4),
             )
         )
@@ -253,7 +244,7 @@ class Curriculum:
                     "constant",
                     1.0,
                     max_iterations=config.max_iterations,
-                    tolerance=config.tolerance,
+                    tolerance=config.tolerance if config.early_stop else None,
                     phantom_steps=config.phantom_steps,
                     backward=config.backward,
                 ),
@@ -283,24 +274,21 @@ def resolve_curriculum(spec: str | os.PathLike | None, config: Any) -> Curriculu
     return Curriculum.load(path)
 
 
-def implicit_configs(model: torch.nn.Module) -> list[Any]:
-    """The distinct configs of the implicit models inside `model`, which may be wrapped (DDP, PEFT, `torch.compile`):
-    found by walking the submodules, so no wrapper needs to be known."""
-    configs: dict[int, Any] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "model_type", None) in FAMILIES:
-            configs.setdefault(id(config), config)
-    return list(configs.values())
+def implicit_backbones(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The implicit backbones inside `model`, which may be wrapped (DDP, PEFT, `torch.compile`): found by walking the
+    submodules, so no wrapper needs to be known; also remote-code ones, recognised by their config's model type."""
+    return [module for module in model.modules()
+            if hasattr(module, "training_overrides") and getattr(module.config, "model_type", None) in FAMILIES]
 
 
 class CurriculumCallback(TrainerCallback):
     """Applies a `Curriculum` in a `transformers.Trainer` run.
 
     At the start of training (also when resuming) and before every optimizer step it finds the phase of
-    `state.global_step` in a run of `state.max_steps` steps and, when it changed, writes its settings into the config of
-    every implicit model inside the trained model. `phase_index` is the phase applied last; `switches` lists
-    `(step, phase name)` for every phase applied.
+    `state.global_step` in a run of `state.max_steps` steps and, when it changed, sets its settings as the
+    `training_overrides` of every implicit backbone inside the trained model: the solver overrides of its
+    training-mode forwards, which `Trainer` calls without extra arguments (the config is left alone).
+    `phase_index` is the phase applied last; `switches` lists `(step, phase name)` for every phase applied.
 
         trainer = Trainer(model, args, train_dataset=data, callbacks=[CurriculumCallback(Curriculum.paper("mamba2"))])
     """
@@ -316,11 +304,11 @@ class CurriculumCallback(TrainerCallback):
             return
         if model is None:
             raise CurriculumError("CurriculumCallback needs the model (the Trainer passes it to callbacks).")
-        configs = implicit_configs(model)
-        if not configs:
+        backbones = implicit_backbones(model)
+        if not backbones:
             raise CurriculumError(f"CurriculumCallback found no implicit model inside {type(model).__name__}.")
-        for config in configs:
-            self.curriculum.apply(config, index)
+        for backbone in backbones:
+            backbone.training_overrides = self.curriculum.overrides(index)
         phase = self.curriculum.phases[index]
         logger.info(
             "Curriculum: step %d of %d, phase %d/%d %r: %s",

@@ -323,7 +323,6 @@ def train(args: argparse.Namespace) -> Path:
     # still saved and restored with the checkpoints.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    raw_model = accelerator.unwrap_model(model)
     if resume_from is not None:
         accelerator.load_state(resume_from)
         logger.info("Resumed from %s (step %d)", resume_from, start_step)
@@ -339,7 +338,7 @@ def train(args: argparse.Namespace) -> Path:
         index = curriculum.phase_index(step, args.max_steps)
         if index != phase:
             phase = index
-            curriculum.apply(raw_model.config, phase)
+            overrides = curriculum.overrides(phase)  # the phase's solver settings, passed with every training forward
             current = curriculum.phases[phase]
             logger.info("step %d: phase %r %s", step, current.name, current.settings())
         start = time.perf_counter()
@@ -348,7 +347,7 @@ def train(args: argparse.Namespace) -> Path:
             batch = to_device(stream.batch(step * args.gradient_accumulation_steps + micro), accelerator.device)
             sync = micro == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss, outputs, _ = forward_loss(model, batch)
+                loss, outputs, _ = forward_loss(model, batch, overrides)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach()
             stats.append(outputs.solver_stats)
@@ -375,7 +374,7 @@ def train(args: argparse.Namespace) -> Path:
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
             save_checkpoint(accelerator, args, done, fingerprint)
     progress.close()
-    return save_final(accelerator, model, tokenizer, args)
+    return save_final(accelerator, model, tokenizer, args, curriculum.overrides(len(curriculum.phases) - 1))
 
 
 def make_stream(spec: str, seq_len: int, seed: int, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
@@ -392,14 +391,17 @@ def to_device(batch: torch.Tensor | tuple[torch.Tensor, ...], device: Any) -> to
     return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
 
 
-def forward_loss(model: torch.nn.Module, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple:
+def forward_loss(model: torch.nn.Module, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 solver_overrides: dict[str, Any] | None = None) -> tuple:
     """`(loss, outputs, accuracy)`: next-token loss for packed text; for `(tokens, labels)` word problems the
-    per-position cross-entropy against the running-product labels and the per-token accuracy."""
+    per-position cross-entropy against the running-product labels and the per-token accuracy. `solver_overrides`
+    (a curriculum phase's settings) apply to implicit models only: an explicit one runs no solver."""
+    settings = {"solver_overrides": solver_overrides} if solver_overrides else {}
     if not isinstance(batch, tuple):
-        outputs = model(input_ids=batch, labels=batch, use_cache=False)
+        outputs = model(input_ids=batch, labels=batch, use_cache=False, **settings)
         return outputs.loss, outputs, None
     tokens, labels = batch
-    outputs = model(input_ids=tokens, use_cache=False)
+    outputs = model(input_ids=tokens, use_cache=False, **settings)
     logits = outputs.logits.float()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     return loss, outputs, (logits.argmax(-1) == labels).float().mean()
@@ -448,10 +450,12 @@ def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, finge
     accelerator.wait_for_everyone()
 
 
-def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> Path:
+def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
+               final_settings: dict[str, Any]) -> Path:
     """The trained model as a Hub-layout folder (`final/`, remote code included; a LoRA adapter merged into the
-    weights, and also saved on its own in `final/adapter/`), written atomically. The full state dict is gathered on
-    every process first (FSDP shards it)."""
+    weights, and also saved on its own in `final/adapter/`), written atomically, its config recording the solver
+    settings training ended with (`final_settings`, the last phase's). The full state dict is gathered on every
+    process first (FSDP shards it)."""
     from implicit_lm.files import atomic_output
 
     destination = args.output_dir / "final"
@@ -461,9 +465,12 @@ def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: a
         with atomic_output(destination, folder=True) as staging:
             if args.lora_rank:
                 raw_model.save_pretrained(staging / "adapter")
-                raw_model.merge_and_unload().save_pretrained(staging)
+                saved = raw_model.merge_and_unload()
+                saved.save_pretrained(staging)
             else:
-                raw_model.save_pretrained(staging, state_dict=state_dict)
+                saved = raw_model
+                saved.save_pretrained(staging, state_dict=state_dict)
+            saved.config.with_overrides(final_settings).save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
         logger.info("Saved the trained model to %s", destination)

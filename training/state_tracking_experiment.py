@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from implicit_lm.eval.state_tracking import format_table, length_generalization, plot_length_generalization
-from implicit_lm.training.curriculum import NO_EARLY_STOP, Curriculum, Phase
+from implicit_lm.training.curriculum import Curriculum, Phase
 from implicit_lm.training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 from tqdm.auto import tqdm
 
@@ -58,7 +58,7 @@ class Stage:
     learning_rate: float
     decay_start: float
     max_iterations: int
-    tolerance: float
+    tolerance: float | None  # None: exactly max_iterations iterations
     phantom_steps: int
 
 
@@ -87,7 +87,7 @@ IMPLICIT_STAGES = (
 # backward differentiates every iteration; the config's phantom steps, >= 1, are unused).
 UNROLLED_DEPTH = 8
 UNROLLED_STAGES = tuple(
-    dataclasses.replace(stage, max_iterations=UNROLLED_DEPTH, tolerance=NO_EARLY_STOP, phantom_steps=1)
+    dataclasses.replace(stage, max_iterations=UNROLLED_DEPTH, tolerance=None, phantom_steps=1)
     for stage in IMPLICIT_STAGES
 )
 
@@ -108,11 +108,13 @@ def build_config(spec: ModelSpec, group_size: int, hidden_size: int) -> Any:
     from modeling_implicit import ImplicitMamba2Config
 
     first = spec.stages[0]
+    # A stage without a tolerance runs a fixed count, in training and (the unrolled baseline) at test time.
+    stop = {"early_stop": False} if first.tolerance is None else {"tolerance": first.tolerance}
     return ImplicitMamba2Config(
         vocab_size=-(-group_size // 16) * 16, hidden_size=hidden_size, num_hidden_layers=spec.layers, state_size=16,
         head_dim=16, n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
-        max_iterations=first.max_iterations, tolerance=first.tolerance, phantom_steps=first.phantom_steps,
-        eval_max_iterations=spec.eval_max_iterations,
+        max_iterations=first.max_iterations, phantom_steps=first.phantom_steps,
+        eval_max_iterations=spec.eval_max_iterations, **stop,
     )
 
 
@@ -168,9 +170,9 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
 
     shutil.copytree(source, staging, dirs_exist_ok=True)
     word_problem_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
-    config = ImplicitMamba2Config.from_pretrained(staging)
+    # An implicit bundle's generate() reads prompts as the RNN (`prefill_mode`), as the figures measure.
+    config = ImplicitMamba2Config.from_pretrained(staging, **({"prefill_mode": "sequential"} if spec.implicit else {}))
     if spec.implicit:
-        config.prefill_mode = "sequential"  # generate() reads prompts as the RNN, as the figures measure
         config.save_pretrained(staging)
         summary = (
             f"A one-block **implicit Mamba2** ({entry['parameters']:,} parameters) that learned the {group} word "

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from implicit_lm.eval.stories import answer_accuracy, format_table, plot
-from implicit_lm.training.curriculum import NO_EARLY_STOP, Curriculum, Phase
+from implicit_lm.training.curriculum import Curriculum, Phase
 from implicit_lm.training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 
 from implicit_lm.files import atomic_output, atomic_write, write_json
@@ -52,7 +52,7 @@ MODELS = (StoryModel("implicit-mamba2", 1, True), StoryModel("mamba2-2layer", 2,
 # The paper's two-phase curriculum, shortened: (4+1) for 70% of the steps, then up to 16 iterations to a relative
 # residual of 0.05 with 2 phantom steps.
 CURRICULUM = Curriculum((
-    Phase("bounded", 0.7, max_iterations=4, tolerance=NO_EARLY_STOP, phantom_steps=1),
+    Phase("bounded", 0.7, max_iterations=4, tolerance=None, phantom_steps=1),
     Phase("free", 0.3, max_iterations=16, tolerance=0.05, phantom_steps=2),
 ))
 
@@ -107,8 +107,8 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
     from modeling_implicit import ImplicitMamba2Config
 
     shutil.copytree(args.output_dir / BUNDLED / "train" / "final", staging, dirs_exist_ok=True)
-    config = ImplicitMamba2Config.from_pretrained(staging)
-    config.prefill_mode = "sequential"  # the pipeline reads stories as the RNN, as the figures measure
+    # The bundle's config reads prompts as the RNN (`prefill_mode`), as the figures measure.
+    config = ImplicitMamba2Config.from_pretrained(staging, prefill_mode="sequential")
     config.save_pretrained(staging)
     entry = results[BUNDLED]
     summary = (
