@@ -13,10 +13,9 @@ import torch
 from conftest import ROOT, tiny_llama, tiny_mamba2
 
 import modeling_implicit as mi
-from modeling_implicit import kernels, mamba2_ops
+from modeling_implicit import kernels, mamba2_ops, modeling_implicit_utils
 from modeling_implicit.compat import output_cache
-from modeling_implicit import modeling_implicit_utils
-from modeling_implicit.solver import NORM_EPS, SolveState, picard_update_reference, solve_fixed_point
+from modeling_implicit.solver import SolveState, picard_update_reference, solve_fixed_point
 
 triton_kernels = pytest.importorskip("modeling_implicit.triton_kernels", reason="triton is not installed")
 # Compiled on a GPU when run there with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh), else in the interpreter (CI).
@@ -55,11 +54,12 @@ def picard_case(shape, dtype, seed=0):
 def test_fused_picard_update_matches_reference(shape, dtype, stop_mode):
     state, fz = picard_case(shape, dtype)
     expected = picard_update_reference(state, fz, 0.8, 0.05, stop_mode)
-    z, out = state.z.clone(), state.out.clone()
-    stats = [t.clone() for t in (state.active, state.iterations, state.residual, state.converged, state.diverged_at)]
-    step = state.step + 1
-    triton_kernels.picard_update(z, fz, out, *stats, step, 0.8, 0.05, stop_mode == "rel", NORM_EPS)
-    active, iterations, residual, converged, diverged_at = stats
+    copied = replace(state, **{name: getattr(state, name).clone() for name in (
+        "z", "out", "active", "iterations", "residual", "converged", "diverged_at")}, step=state.step + 1)
+    got = triton_kernels.picard_update(copied, fz, 0.8, 0.05, stop_mode)
+    z, out = got.z, got.out
+    active, iterations, residual, converged, diverged_at = (
+        got.active, got.iterations, got.residual, got.converged, got.diverged_at)
     ulp = 0 if dtype == torch.float32 else torch.finfo(dtype).eps  # rounding the float32 update: one unit apart
     torch.testing.assert_close(z, expected.z, atol=ulp, rtol=max(ulp, 1e-6), equal_nan=True)
     assert torch.equal(out.isnan(), expected.out.isnan())

@@ -619,9 +619,15 @@ class ImplicitBackboneMixin:
         is explicit (also an implicit model's weights run as the explicit model, as `eval.jacobian` compares)."""
         return self.injection(inputs_embeds) if self.config.implicit else None
 
+    # Solver overrides of every training-mode call (under the call's own), for training loops that cannot pass
+    # arguments to forward: `transformers.Trainer` with a curriculum (`CurriculumCallback` sets them per phase).
+    training_overrides: dict[str, Any] | None = None
+
     def resolve_config(self, solver_overrides: dict[str, Any] | None) -> ImplicitPretrainedConfig:
-        """The settings of one call: a validated copy with `solver_overrides`, or the model's config, validated again
-        only when its fields changed since the last call."""
+        """The settings of one call: a validated copy with `solver_overrides` (and, training, `training_overrides`),
+        or the model's config, validated again only when its fields changed since the last call."""
+        if self.training and self.training_overrides:
+            solver_overrides = {**self.training_overrides, **(solver_overrides or {})}
         if solver_overrides:
             return self.config.with_overrides(solver_overrides)
         fields = dict(vars(self.config))

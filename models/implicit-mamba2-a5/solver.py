@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
-from .kernels import fused_picard_update_available, picard_update
-from .numerics import at_least_float32
+from .kernels import Kernel, fused_picard_update_available, picard_update_triton
+from .numerics import NORM_EPS, at_least_float32
 
 FixedPointFunction = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
-# Added to ||z|| in the relative residual; keeps an all-zero sample (pure padding, f(0) = 0) at residual 0.
-NORM_EPS = 1e-8
 # Tikhonov regularisation of Anderson's least-squares system, relative to the mean squared residual.
 _ANDERSON_REG = 1e-4
 
@@ -182,6 +180,10 @@ class SolveState:
     `z` is the next iterate, `out`/`aux` the evaluation of `f` at each sample's last active iterate, `active` the
     samples still iterating, `diverged_at` the first iteration whose residual was NaN/inf (0: none) and `step` the
     number of iterations run (a 0-dim tensor, so that a captured CUDA graph can advance it).
+
+    An update (`picard_update`, `solver_iteration`) takes a state and returns the next one, and the state it took is
+    spent: the PyTorch reference builds new tensors (what autograd needs), the fused kernel, used only without a tape,
+    writes the tensors of the state it is given and returns them. No caller uses a state after passing it on.
     """
 
     z: torch.Tensor
@@ -218,7 +220,8 @@ def picard_update_reference(
 ) -> SolveState:
     """One Picard bookkeeping step in plain PyTorch, functional (safe under autograd): residuals, `out`, statistics
     and masks of the samples active before this step, and the damped update `z + damping (f(z) - z)` of those
-    samples. The fused kernel (`kernels.picard_update`) does the same in one pass and is tested against this."""
+    samples. `picard_update` is this function; the fused kernel registered on it (`triton_kernels.picard_update`)
+    does the same in one pass and is tested against this."""
     compute = torch.promote_types(state.z.dtype, torch.float32)
     damped = ((1 - damping) * state.z.to(compute) + damping * fz.to(compute)).to(state.z.dtype)
     return _advance(state, fz, damped, tolerance, stop_mode)
@@ -247,6 +250,18 @@ def _advance(
     )
 
 
+picard_update = Kernel(picard_update_reference)
+
+
+@picard_update.register("triton", when=lambda state, *args: not torch.is_grad_enabled()
+                        and fused_picard_update_available(state.z))
+def _picard_update_fused(state: SolveState, fz: torch.Tensor, damping: float, tolerance: float, stop_mode: str
+                         ) -> SolveState:
+    if state.out is None:  # the kernel writes z and out in place; z0 is the caller's (a warm start: the cache's)
+        state = replace(state, z=state.z.clone(), out=fz.clone())
+    return picard_update_triton(replace(state, step=state.step + 1), fz, damping, tolerance, stop_mode)
+
+
 def solver_iteration(
     fn: FixedPointFunction,
     state: SolveState,
@@ -254,7 +269,7 @@ def solver_iteration(
     anderson: _Anderson | None = None,
     all_active: bool = False,
 ) -> SolveState:
-    """Evaluate `f` once and advance `state`, without synchronising with the host.
+    """Evaluate `f` once and advance `state` (spent: see `SolveState`), without synchronising with the host.
 
     `all_active` (known from the last synchronisation) lets the caller skip the per-sample selection of `out` and
     `aux` when no sample has stopped yet. Samples that stopped keep their `out`, `aux` and statistics.
@@ -263,27 +278,9 @@ def solver_iteration(
     aux = step_aux if all_active or state.aux is None else _batch_where(state.active, step_aux, state.aux)
     if anderson is not None:
         new = _advance(state, fz, anderson.step(state.z, fz), settings.tolerance, settings.stop_mode)
-    elif _fused_update_applies(state.z):
-        new = _picard_update_fused(state, fz, settings)
     else:
-        new = picard_update_reference(state, fz, settings.damping, settings.tolerance, settings.stop_mode)
+        new = picard_update(state, fz, settings.damping, settings.tolerance, settings.stop_mode)
     return replace(new, aux=aux)
-
-
-def _picard_update_fused(state: SolveState, fz: torch.Tensor, settings: SolverSettings) -> SolveState:
-    if state.out is None:  # the kernel writes z and out in place; z0 is the caller's (a warm start: the cache's)
-        state = replace(state, z=state.z.clone(), out=fz.clone())
-    step = state.step + 1
-    picard_update(
-        state.z, fz, state.out, state.active, state.iterations, state.residual, state.converged, state.diverged_at,
-        step, settings.damping, settings.tolerance, settings.stop_mode == "rel", NORM_EPS,
-    )
-    return replace(state, step=step)
-
-
-def _fused_update_applies(z: torch.Tensor) -> bool:
-    # The fused kernel writes in place, so only tape-free solves use it.
-    return not torch.is_grad_enabled() and fused_picard_update_available(z)
 
 
 def check_divergence(state: SolveState, diverged: bool) -> None:

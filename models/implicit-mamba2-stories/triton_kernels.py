@@ -10,7 +10,11 @@ Only `kernels.py` imports this module, guarded: without triton it is never loade
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from .numerics import NORM_EPS
 
 try:  # a try block: transformers' remote-code import check skips it, so machines without triton load the model
     import triton
@@ -75,23 +79,13 @@ def _picard_update_kernel(
                 tl.store(active_ptr + sample, 0)
 
 
-def picard_update(
-    z: torch.Tensor,
-    fz: torch.Tensor,
-    out: torch.Tensor,
-    active: torch.Tensor,
-    iterations: torch.Tensor,
-    residual: torch.Tensor,
-    converged: torch.Tensor,
-    diverged_at: torch.Tensor,
-    step: torch.Tensor,
-    damping: float,
-    tolerance: float,
-    relative: bool,
-    norm_eps: float,
-) -> None:
-    """In place: for each sample active before the call, `out = fz`, `z = (1 - damping) z + damping fz`, its
-    residual, `iterations = step`, the first non-finite step in `diverged_at`, and `converged`/`active` updated."""
+def picard_update(state: Any, fz: torch.Tensor, damping: float, tolerance: float, stop_mode: str) -> Any:
+    """`solver.picard_update_reference` (same arguments and results) in one pass, writing `state`'s tensors in place
+    and returning it: for each sample active before the call, `out = fz`, `z = (1 - damping) z + damping fz`, its
+    residual, `iterations = state.step` (the step this update makes, already advanced by the caller), the first
+    non-finite step in `diverged_at`, and `converged`/`active` updated."""
+    z, out = state.z, state.out
+    fz = fz.contiguous()
     batch = z.shape[0]
     features = z[0].numel()
     for name, tensor in (("z", z), ("fz", fz), ("out", out)):
@@ -102,11 +96,13 @@ def picard_update(
     ticket = torch.zeros(batch, dtype=torch.int32, device=z.device)
     _picard_update_kernel[(batch, parts)](
         z, fz, out,
-        active.view(torch.uint8), iterations, residual, converged.view(torch.uint8), diverged_at, step,
+        state.active.view(torch.uint8), state.iterations, state.residual, state.converged.view(torch.uint8),
+        state.diverged_at, state.step,
         partial, ticket,
-        features, _UPDATE_SPAN, damping, tolerance, norm_eps,
-        RELATIVE=relative, BLOCK=_UPDATE_BLOCK,
+        features, _UPDATE_SPAN, damping, tolerance, NORM_EPS,
+        RELATIVE=stop_mode == "rel", BLOCK=_UPDATE_BLOCK,
     )
+    return state
 
 
 @triton.jit

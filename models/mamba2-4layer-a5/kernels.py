@@ -12,13 +12,18 @@ Llama attention goes through transformers' attention interface (`config._attn_im
 "flash_attention_2"), so it needs no dispatch here. mamba-ssm's single-token kernels update states in place; an
 implicit step must leave the committed state untouched across iterations, hence our own step kernel.
 
-Every CUDA-only import is guarded (mamba-ssm raises more than ImportError when its extensions are missing), and the
-environment variable `IMPLICIT_LM_KERNELS=torch` forces the PyTorch path (for comparisons and debugging).
+Each operation is a `Kernel`: the function callers see is the PyTorch reference (its signature, docstring and
+results), and the fused implementations are registered against it with the condition under which they run, as
+transformers' `use_kernel_func_from_hub_with_fallback` wraps its functions. Every CUDA-only import is guarded
+(mamba-ssm raises more than ImportError when its extensions are missing), and the environment variable
+`IMPLICIT_LM_KERNELS=torch` forces the PyTorch path (for comparisons and debugging).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,69 +70,66 @@ def backends(device: torch.device | str) -> dict[str, str]:
     }
 
 
-def ssd_chunk_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mamba2_ops.ssd_chunk_scan` (same arguments and results), through mamba-ssm on CUDA when installed."""
-    if not _fast(x, mamba_chunk_scan_combined):
-        return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
+class Kernel:
+    """One operation: its PyTorch `reference`, whose signature, docstring and results every implementation shares,
+    and the fused implementations registered against it (`register`), each run when its condition holds for the
+    call's arguments (the first that holds wins; otherwise the reference runs). `backend(*args)` names the one a call
+    would run."""
+
+    def __init__(self, reference: Callable[..., Any]):
+        functools.update_wrapper(self, reference)  # callers (and `inspect.signature`) see the reference
+        self.reference = reference
+        self.implementations: list[tuple[str, Callable[..., bool], Callable[..., Any]]] = []
+
+    def register(self, name: str, when: Callable[..., bool]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: `fn`, with the reference's signature, runs instead of it when `when(*args, **kwargs)`."""
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.implementations.append((name, when, fn))
+            return fn
+
+        return decorate
+
+    def _select(self, args: tuple, kwargs: dict) -> tuple[str, Callable[..., Any]]:
+        for name, when, fn in self.implementations:
+            if when(*args, **kwargs):
+                return name, fn
+        return "torch", self.reference
+
+    def backend(self, *args: Any, **kwargs: Any) -> str:
+        return self._select(args, kwargs)[0]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._select(args, kwargs)[1](*args, **kwargs)
+
+
+ssd_chunk_scan = Kernel(ssd_chunk_scan_reference)
+causal_conv1d_silu = Kernel(causal_conv1d_silu_reference)
+mamba2_decode_step = Kernel(mamba2_decode_step_reference)
+
+
+@ssd_chunk_scan.register("mamba_ssm", when=lambda x, *args, **kwargs: _fast(x, mamba_chunk_scan_combined))
+def _ssd_chunk_scan_mamba_ssm(x, dt, A, B, C, D, chunk_size, initial_state=None):
     y, final_state = mamba_chunk_scan_combined(
         x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
     )
     return y.float(), final_state.float()
 
 
-def causal_conv1d_silu(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mamba2_ops.causal_conv1d_silu` (same arguments and results), through causal-conv1d on CUDA when installed and
-    the sequence starts from a zero state (its initial-state path needs a channel-last layout)."""
-    if state is not None or not _fast(x, causal_conv1d_fn):
-        return causal_conv1d_silu_reference(x, weight, bias, state)
+# causal-conv1d's initial-state path needs a channel-last layout: only sequences from a zero state go through it.
+@causal_conv1d_silu.register("causal_conv1d", when=lambda x, weight, bias, state: state is None
+                             and _fast(x, causal_conv1d_fn))
+def _causal_conv1d_silu_library(x, weight, bias, state):
     width = weight.shape[-1]
     out = causal_conv1d_fn(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation="silu")
     new_state = torch.nn.functional.pad(x, (width - 1, 0))[..., -(width - 1):]
     return out, new_state
 
 
-def mamba2_decode_step(xbc: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`mamba2_ops.mamba2_decode_step_reference` (same arguments, by keyword, and results), fused in one Triton kernel
-    on CUDA."""
-    if _fast(xbc, mamba2_decode_step_triton):
-        return mamba2_decode_step_triton(xbc, **kwargs)
-    return mamba2_decode_step_reference(xbc, **kwargs)
+@mamba2_decode_step.register("triton", when=lambda xbc, *args, **kwargs: _fast(xbc, mamba2_decode_step_triton))
+def _mamba2_decode_step_triton(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mamba2_decode_step_triton(*args, **kwargs)  # triton_kernels.mamba2_decode_step: the reference's signature
 
 
 def fused_picard_update_available(z: torch.Tensor) -> bool:
-    """Whether `picard_update` runs fused for `z` (CUDA, triton installed, contiguous)."""
+    """Whether the solver's Picard update can run fused for `z` (CUDA, triton installed, contiguous)."""
     return _fast(z, picard_update_triton) and z.is_contiguous()
-
-
-def picard_update(
-    z: torch.Tensor,
-    fz: torch.Tensor,
-    out: torch.Tensor,
-    active: torch.Tensor,
-    iterations: torch.Tensor,
-    residual: torch.Tensor,
-    converged: torch.Tensor,
-    diverged_at: torch.Tensor,
-    step: torch.Tensor,
-    damping: float,
-    tolerance: float,
-    relative: bool,
-    norm_eps: float,
-) -> None:
-    """The solver's fused Picard bookkeeping, in place (see `triton_kernels.picard_update`). Only call it when
-    `fused_picard_update_available(z)`; the solver's functional `picard_update_reference` is the fallback."""
-    picard_update_triton(
-        z, fz.contiguous(), out, active, iterations, residual, converged, diverged_at, step,
-        damping, tolerance, relative, norm_eps,
-    )
