@@ -1,20 +1,12 @@
-"""A bAbI-style story task generated offline, in the spirit of the paper's CatbAbI experiment (appendix, Figure 13).
-
-People move between rooms and pick up and drop objects; questions ask where a person or an object is. The answer
-to "where is the apple ?" depends on who picked it up and where they went since, so answering needs the state of a
-small world tracked through the whole story. Stories are plain text with the answers inline, for training an
-ordinary causal LM:
-
-    the apple is in the kitchen . ... mary went to the kitchen . mary picked up the apple . mary went to the garden .
-    where is the apple ? garden .
+"""The bAbI-style story task (`implicit_lm.tasks.stories`, in the spirit of the paper's CatbAbI experiment, appendix,
+Figure 13) as a command: write a corpus, or measure a trained LM on fresh stories.
 
     implicit-lm eval stories --num-stories 2000 --min-events 4 --max-events 24 --seed 0 --output stories.jsonl
     implicit-lm eval stories --model DIR --lengths 4,8,16,32,64 --stories-per-length 50 --output-dir DIR
 
 The second form measures a trained LM: the accuracy of its greedy one-word answer to the final question, and the
-solver iterations it spent on the answer token, against story length (the paper's Figure 13c/d).
-
-Everything is seeded (`random.Random(seed)`), so the same arguments give the same corpus.
+solver iterations it spent on the answer token, against story length (the paper's Figure 13c/d). Everything is
+seeded, so the same arguments give the same corpus.
 """
 
 from __future__ import annotations

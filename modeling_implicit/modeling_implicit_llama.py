@@ -280,6 +280,8 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
     sum of `attention_mask`), so a padded sequence sees the positions it would see alone.
     """
 
+    embedding_attribute = "embed_tokens"
+
     def __init__(self, config: ImplicitLlamaConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -290,12 +292,6 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.embed_tokens = new_embeddings
 
     def forward(
         self,

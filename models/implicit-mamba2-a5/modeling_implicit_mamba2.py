@@ -271,6 +271,8 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
     `z* = f(z*, u)`, `f(z, u) = norm_f(blocks(z, u))`; with `implicit=False`, one pass of the stack on the embeddings.
     """
 
+    embedding_attribute = "embeddings"
+
     def __init__(self, config: ImplicitMamba2Config):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -278,12 +280,6 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         self.layers = nn.ModuleList([ImplicitMamba2Block(config) for _ in range(config.num_hidden_layers)])
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.embeddings = new_embeddings
 
     def forward(
         self,

@@ -576,12 +576,22 @@ class ImplicitBackboneMixin:
     `NotImplementedError`: the cache (`make_cache`), what every evaluation of the stack needs besides `z`
     (`prepare_stack_inputs`: masks, positions, recording flags) and one pass of the layer stack and its final norm
     (`evaluate_stack`); and a `forward` that embeds, injects and solves through a `FixedPointCall`. Requires
-    `config`, `injection` (an `InputInjection`, None when explicit) and `get_input_embeddings()`.
+    `config`, `embedding_attribute` and `injection` (an `InputInjection`, None when explicit).
 
     The recorded hidden states and attention maps travel with the states in the solver's auxiliary output, which the
     solver keeps per sample from the same evaluation as the sample's result: what `output_hidden_states=True` returns
     belongs to the evaluation of `f` whose output is `last_hidden_state`.
     """
+
+    # The attribute holding the token embeddings, under transformers' name for the family (`embeddings`, Mamba2;
+    # `embed_tokens`, Llama), so that checkpoints and tools see the layout they know.
+    embedding_attribute: str
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self.embedding_attribute)
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        setattr(self, self.embedding_attribute, new_embeddings)
 
     def make_cache(self) -> ImplicitCache:
         """An empty cache of this family's fixed-point states."""
