@@ -74,7 +74,10 @@ class TreeMemorySampler(threading.Thread):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm benchmark convert-reference-scale", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="mamba2-1.3b-implicit")
     parser.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         source, destination = Path(workdir) / "src", Path(workdir) / "dst"
         write_reference_checkpoint(preset_reference_config(args.preset), source, shards=4)
         checkpoint_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-        command = [sys.executable, "-m", "implicit_lm.conversion.convert_reference", "--src", str(source), "--dst", str(destination)]
+        command = [sys.executable, "-m", "implicit_lm.conversion.convert_reference", "--src", str(source),
+                   "--dst", str(destination)]
         start = time.perf_counter()
         process = subprocess.Popen(command)
         sampler = TreeMemorySampler(process.pid)

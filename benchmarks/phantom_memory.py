@@ -178,7 +178,10 @@ def growth(results: list[Measurement], family: str, backward: str, field: str = 
 
 
 def main(argv: list[str] | None = None) -> list[Measurement]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm benchmark phantom-memory", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--iterations", type=int, nargs="+", default=[4, 8, 16, 32], help="tape-free iterations s")
     parser.add_argument("--phantom-steps", type=int, default=4, help="phantom steps k (default 4)")
     parser.add_argument("--batch-size", type=int, default=2)

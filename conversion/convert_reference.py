@@ -135,7 +135,9 @@ def convert(args: argparse.Namespace) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", help="reference checkpoint folder")
     parser.add_argument("--dst", required=True, help="output Hub repo folder")
     parser.add_argument("--preset", help=f"reference configuration by name: {', '.join(sorted(PRESETS))}")

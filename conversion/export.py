@@ -128,7 +128,8 @@ def export_model(
     second copy: peak memory stays near one model.
     """
     expected = verification_logits(model)
-    with atomic_output(destination, folder=True, overwrite=overwrite) as staging, tempfile.TemporaryDirectory() as workdir:
+    with (atomic_output(destination, folder=True, overwrite=overwrite) as staging,
+          tempfile.TemporaryDirectory() as workdir):
         if generation_config is not None:
             model.generation_config = generation_config
         model.save_pretrained(staging, max_shard_size=max_shard_size)

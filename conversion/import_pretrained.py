@@ -165,7 +165,9 @@ def import_pretrained(args: argparse.Namespace) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm import-pretrained", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", required=True, help="local folder with the pretrained checkpoint")
     parser.add_argument("--dst", required=True, help="output Hub repo folder")
     parser.add_argument("--implicit", action="store_true", help="start an implicit model from these weights")

@@ -134,7 +134,9 @@ def publish(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm publish", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--folder", required=True, type=Path)
     parser.add_argument("--repo-id", required=True, help="ORG/NAME")
     parser.add_argument("--private", action="store_true")

@@ -60,7 +60,7 @@ def refresh_remote_code(folder: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="implicit-lm refresh-remote-code", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="Hub-layout model folders to refresh in place")
     args = parser.parse_args(argv)
     for folder in tqdm(args.folders, desc="refreshing", unit="folder"):

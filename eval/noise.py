@@ -72,7 +72,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="implicit-lm eval noise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(parser, solver_flags=False)
     parser.add_argument("--group", default="A5", choices=GROUPS, help="word problems of this group")
     parser.add_argument("--length", type=int, default=64, help="problem length (tokens)")

@@ -50,7 +50,8 @@ def test_task_aliases():
 
 def test_help():
     result = subprocess.run(
-        [sys.executable, "-m", "implicit_lm.eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "implicit_lm.eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
     )
     assert result.returncode == 0
     assert "--tasks" in result.stdout and "--eval-max-iterations" in result.stdout and "lambada_openai" in result.stdout

@@ -142,7 +142,8 @@ def test_bad_input_exits_2(arguments, message, one_layer, saved_models, explicit
 
 def test_help():
     result = subprocess.run(
-        [sys.executable, "-m", "implicit_lm.eval.jacobian", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "implicit_lm.eval.jacobian", "--help"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--model", "--random-init", "--tokens", "--length", "--tolerance", "--output-dir"):

@@ -204,6 +204,7 @@ def test_solver_dynamics_bad_input(tmp_path, saved_models, explicit_baseline, te
 
 @pytest.mark.parametrize("module", ["perplexity", "duality", "solver_dynamics"])
 def test_help_runs_as_a_module(module):
-    result = subprocess.run([sys.executable, "-m", f"implicit_lm.eval.{module}", "--help"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", f"implicit_lm.eval.{module}", "--help"], cwd=ROOT,
+                            capture_output=True,
                             text=True, check=True)
     assert "--model" in result.stdout and "--data" in result.stdout

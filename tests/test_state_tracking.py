@@ -225,7 +225,8 @@ def test_cli_writes_the_data(tmp_path, capsys):
 
 def test_cli_module_entry_point(tmp_path):
     output = tmp_path / "s5.pt"
-    command = [sys.executable, "-m", "implicit_lm.eval.state_tracking", "--group", "S5", "--length", "5", "--num-samples", "3"]
+    command = [sys.executable, "-m", "implicit_lm.eval.state_tracking", "--group", "S5", "--length", "5",
+               "--num-samples", "3"]
     result = subprocess.run([*command, "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     saved = torch.load(output, weights_only=True)

@@ -61,7 +61,8 @@ def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
     # accelerate's `--cpu` starts one process (several need an MPI host file); `--multi_gpu` with ACCELERATE_USE_CPU
     # starts two gloo processes.
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "implicit_lm.training.finetune")
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m", "implicit_lm.training.finetune")
     result = run(command(workspace, output, "--max-steps", 12, "--eval-data", workspace / "train.txt",
                          "--eval-every", 6, "--eval-batches", 2, launcher=launcher), ACCELERATE_USE_CPU="true")
     assert result.returncode == 0, result.stderr[-3000:]
