@@ -25,6 +25,8 @@ if [ "$installed" != "$floor" ]; then
     python -m venv "$venv"
     "$venv/bin/pip" install -q "$torch_pin"
     "$venv/bin/pip" install -q -e . "transformers==$floor" "pytest>=8" "pytest-timeout>=2.3"
+else
+    "$venv/bin/pip" install -q --no-deps -e .  # an existing venv: this checkout's current package layout
 fi
 echo "== floor leg: transformers $floor"
 "$venv/bin/python" -m pytest -q "${floor_tests[@]}"
