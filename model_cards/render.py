@@ -13,6 +13,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
+from modeling_implicit import IMPLICIT_FAMILIES
+
 from .paper_results import PAPER_ARCHITECTURES, PAPER_RESULTS, TABLE_COLUMNS, VARIANTS, split_preset
 
 if TYPE_CHECKING:
@@ -76,8 +78,8 @@ _FAMILIES = {
         cooldown="the learning-rate cooldown starts with the free stage",
     ),
 }
-# Matched on `model_type` rather than the class: a config loaded as remote code is a different class object.
-_FAMILY_BY_MODEL_TYPE = {"implicit_mamba2": "mamba2", "implicit_llama": "llama"}
+# Families are matched on `model_type` (IMPLICIT_FAMILIES) rather than the class: a config loaded as remote code is a
+# different class object.
 
 _TABLE_CAPTIONS = {
     "table_1": (
@@ -146,7 +148,7 @@ def render_model_card(
             match the config, or an invalid `repo_id`.
     """
     model_type = getattr(config, "model_type", None)
-    family_key = _FAMILY_BY_MODEL_TYPE.get(model_type)
+    family_key = IMPLICIT_FAMILIES.get(model_type)
     if family_key is None:
         raise ValueError(f"Expected an implicit Mamba2 or Llama config; got model_type {model_type!r}.")
     validate_repo_id(repo_id)
@@ -190,7 +192,7 @@ def render_demo_model_card(
     """Render the README.md of a small model trained by one of the package's experiments (the bundled models under
     `models/`): what it is, the task it was trained on, how to use it, its config and solver, and its measured
     results with the command that reproduces them. Raises `ValueError` for a config that is not ours."""
-    family_key = _FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    family_key = IMPLICIT_FAMILIES.get(getattr(config, "model_type", None))
     if family_key is None:
         raise ValueError(f"Expected an implicit Mamba2 or Llama config; got model_type {config.model_type!r}.")
     family = _FAMILIES[family_key]

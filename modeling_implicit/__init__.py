@@ -33,8 +33,10 @@ from .modeling_implicit_utils import (
 )
 from .solver import SolverDivergenceError, SolverSettings, SolverStats, solve_fixed_point
 
-# The `model_type` of every implicit family (what tools use to tell our models from other transformers models).
-IMPLICIT_MODEL_TYPES = (ImplicitMamba2Config.model_type, ImplicitLlamaConfig.model_type)
+# The `model_type` of every implicit family (what tools use to tell our models from other transformers models), and the
+# family's short name (the paper's and the presets': "mamba2", "llama").
+IMPLICIT_FAMILIES = {ImplicitMamba2Config.model_type: "mamba2", ImplicitLlamaConfig.model_type: "llama"}
+IMPLICIT_MODEL_TYPES = tuple(IMPLICIT_FAMILIES)
 
 for _config, _model, _causal_lm in (
     (ImplicitMamba2Config, ImplicitMamba2Model, ImplicitMamba2ForCausalLM),
@@ -48,6 +50,7 @@ for _config, _model, _causal_lm in (
     _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "IMPLICIT_FAMILIES",
     "IMPLICIT_MODEL_TYPES",
     "CacheSnapshot",
     "ConvergenceWarning",

@@ -35,12 +35,12 @@ import torch
 import yaml
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from modeling_implicit import ImplicitPretrainedConfig
+from modeling_implicit import IMPLICIT_FAMILIES, ImplicitPretrainedConfig
 
 logger = logging.getLogger(__name__)
 
 # model_type of each implicit config -> the family name `Curriculum.paper` takes.
-FAMILIES = {"implicit_mamba2": "mamba2", "implicit_llama": "llama"}
+FAMILIES = IMPLICIT_FAMILIES
 # The free phase's iteration cap in the paper; everything else is shared by both families.
 _PAPER_FREE_ITERATIONS = {"mamba2": 24, "llama": 32}
 
