@@ -1,6 +1,6 @@
 """Bring Hub-layout folders written by an earlier release up to this package's remote code.
 
-    implicit-lm refresh-remote-code models/implicit-mamba2-a5 models/mamba2-4layer-a5
+    implicit-lm refresh-remote-code models/implicit-mamba2-a5 models/mamba2-16layer-a5
 
 Each folder is loaded with this package's classes and saved again: its modeling files and `config.json` (with the
 current `auto_map`) are rewritten, and every other file (weights, tokenizer, card, recorded figures) is kept as it

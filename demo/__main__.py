@@ -1,9 +1,11 @@
 """Main job: the trained models bundled under `models/`, end to end through transformers, offline.
 
-1. State tracking (the paper's Figure 1 right, at small scale): an implicit Mamba2 and a larger explicit Mamba2, both
-   trained on A5 word problems of length <= 32 only, answer fresh problems of lengths 32 to 256. Per-token accuracy
-   vs length in sequential and simultaneous mode, and the solver iterations per token, as a table and a PNG; then
-   both through `pipeline("text-generation")`, asked for the product of 200 permutations.
+1. State tracking (the paper's Figure 1 right, at small scale), for S5 and A5: an implicit Mamba2 and a 16-layer
+   explicit Mamba2 that fits its training length, both trained on word problems of length <= 32 only, answer fresh
+   problems of lengths 32 to 256 in sequential mode; the implicit one also in simultaneous mode with an iteration
+   cap of 2L (it reaches the sequential predictions: the duality of the modes) and with its own cap. Per-token
+   accuracy, solver iterations (with the share of solves that converged) and agreement vs length, as tables and a
+   PNG; then every model through `pipeline("text-generation")`, asked for the product of 200 permutations.
 2. The tiny implicit story LM answers "where is ...?" questions about freshly generated stories through
    `pipeline("text-generation")`, with the solver iterations it spent on each answer.
 
@@ -18,11 +20,17 @@ import argparse
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from implicit_lm.eval.state_tracking import format_table, length_generalization, plot_length_generalization
+from implicit_lm.eval.state_tracking import (
+    NOT_CONVERGED_MESSAGE,
+    format_table,
+    length_generalization,
+    plot_length_generalization,
+)
 from implicit_lm.eval.stats import SolverStatsRecorder
 
 from implicit_lm.files import write_json
@@ -31,7 +39,9 @@ from implicit_lm.tasks.word_problems import element_names, word_problem
 
 # The source checkout (an editable install): its models/ are the bundled models, outputs/ the default output folder.
 ROOT = Path(__file__).resolve().parents[1]
-STATE_TRACKING_MODELS = ("implicit-mamba2-a5", "mamba2-4layer-a5")
+GROUPS = ("S5", "A5")
+# Bundled per group as `<base>-<group>`: the implicit model and the explicit baseline that fits the training length.
+STATE_TRACKING_BASES = ("implicit-mamba2", "mamba2-16layer")
 STORY_MODEL = "implicit-mamba2-stories"
 # Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
 DEMO_SEED = 2026
@@ -47,55 +57,76 @@ def load_bundled(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 
-def state_tracking(args: argparse.Namespace) -> dict[str, Any]:
-    print(f"== State tracking: A5 word problems, trained on length <= 32, {args.num_samples} fresh sequences per "
-          "length ==")
+def evaluate_group(args: argparse.Namespace, group: str) -> dict[str, Any]:
+    """Both bundled models of `group`: sequential accuracy at every test length; for the implicit one, simultaneous
+    mode too, capped at 2L iterations and at the model's own cap, on a smaller set (the duality of the modes)."""
     results = {}
-    for name in STATE_TRACKING_MODELS:
+    for name in (f"{base}-{group.lower()}" for base in STATE_TRACKING_BASES):
         folder = args.models_dir / name
         model = load_bundled(folder)
         recorded = json.loads((folder / "state_tracking.json").read_text())
         start = time.perf_counter()
-        rows = length_generalization(model, recorded["group"], args.lengths, args.num_samples, seed=DEMO_SEED)
+        rows = length_generalization(model, group, args.lengths, args.num_samples, seed=DEMO_SEED,
+                                     modes=("sequential",), batch_size=args.num_samples)
+        if recorded["implicit"] and args.duality_lengths:
+            duality = length_generalization(model, group, args.duality_lengths, args.duality_samples,
+                                            seed=DEMO_SEED, simultaneous_caps=(2.0, None),
+                                            batch_size=args.duality_samples)
+            rows += [row for row in duality if row["mode"] == "simultaneous"]
         results[name] = {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
                          "implicit": recorded["implicit"], "seconds": time.perf_counter() - start}
         print(f"{name}: {type(model).__name__} loaded with AutoModelForCausalLM(trust_remote_code=True), "
               f"{results[name]['parameters']:,} parameters, evaluated in {results[name]['seconds']:.0f} s")
-    print()
-    print(format_table(results))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    plot_length_generalization(results, args.output_dir / "state_tracking.png", train_length=32)
-    implicit = [row for row in results[STATE_TRACKING_MODELS[0]]["rows"] if row["mode"] == "sequential"]
-    print(
-        "\nIterations per token (implicit, sequential mode): "
-        + ", ".join(f"{row['iterations_mean']:.1f} at length {row['length']}" for row in implicit)
-        + " -- constant in the length: each token is one fixed-point solve against the committed state."
-    )
-    print(f"Plot: {args.output_dir / 'state_tracking.png'}")
+    return results
 
-    # The same models as text generators: the tokenizer's words are the elements in one-line notation, and the
-    # word generated after a sequence of permutations is their product.
+
+def pipeline_products(args: argparse.Namespace, group: str, names: list[str]) -> dict[str, int]:
+    """The models as text generators: the tokenizer's words are the elements in one-line notation, and the word
+    generated after a sequence of permutations is their product."""
     from transformers import pipeline
 
-    tokens, labels = word_problem("A5", args.pipeline_prompts, args.pipeline_length, DEMO_SEED + 1)
-    print(f"\npipeline('text-generation'): the product of {args.pipeline_length} A5 permutations, "
-          f"{args.pipeline_prompts} prompts")
-    for name in STATE_TRACKING_MODELS:
+    tokens, labels = word_problem(group, args.pipeline_prompts, args.pipeline_length, DEMO_SEED + 1)
+    words = element_names(group)
+    right = {}
+    for name in names:
         generator = pipeline("text-generation", model=str(args.models_dir / name), trust_remote_code=True,
                              device="cpu")
-        names = element_names("A5")
-        right = 0
-        for index in range(args.pipeline_prompts):
-            prompt = " ".join(names[token] for token in tokens[index].tolist())
-            output = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)
-            answer, expected = output[0]["generated_text"].strip(), names[labels[index, -1].item()]
-            right += answer == expected
-            if index == 0:
-                print(f"  {name}: '{prompt[:23]} ... {prompt[-17:]}' -> {answer} (product {expected})")
-        print(f"  {name}: {right} of {args.pipeline_prompts} products right")
-        results[name]["pipeline_products_right"] = right
-    print()
-    return results
+        prompts = [" ".join(words[token] for token in row.tolist()) for row in tokens]
+        outputs = generator(prompts, max_new_tokens=1, do_sample=False, return_full_text=False)
+        answers = [output[0]["generated_text"].strip() for output in outputs]
+        expected = [words[label] for label in labels[:, -1].tolist()]
+        right[name] = sum(a == e for a, e in zip(answers, expected))
+        print(f"  {name}: '{prompts[0][:23]} ... {prompts[0][-17:]}' -> {answers[0]} (product {expected[0]}); "
+              f"{right[name]} of {args.pipeline_prompts} products right")
+    return right
+
+
+def state_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    panels = {}
+    for group in args.groups:
+        print(f"== State tracking: {group} word problems, trained on length <= 32; {args.num_samples} fresh "
+              f"sequences per length in sequential mode, {args.duality_samples} in simultaneous mode ==")
+        results = evaluate_group(args, group)
+        print()
+        print(format_table(results))
+        implicit = [row for row in results[f"implicit-mamba2-{group.lower()}"]["rows"] if row["mode"] == "sequential"]
+        print(
+            "\nIterations per token (implicit, sequential mode): "
+            + ", ".join(f"{row['iterations_mean']:.1f} at length {row['length']}" for row in implicit)
+            + " -- flat in the length: each token is one fixed-point solve against the committed state. "
+            "Simultaneous mode needs about L iterations (information crosses one position per iteration): with a "
+            "cap of 2L it reaches the sequential predictions; the model's own cap stops it short on long inputs."
+        )
+        print(f"\npipeline('text-generation'): the product of {args.pipeline_length} {group} permutations, "
+              f"{args.pipeline_prompts} prompts")
+        for name, right in pipeline_products(args, group, list(results)).items():
+            results[name]["pipeline_products_right"] = right
+        print()
+        panels[group] = results
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    plot_length_generalization(panels, args.output_dir / "state_tracking.png", train_length=32)
+    print(f"Plot: {args.output_dir / 'state_tracking.png'}\n")
+    return panels
 
 
 def stories(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,14 +142,17 @@ def stories(args: argparse.Namespace) -> dict[str, Any]:
         story = generate_story(rng, events, events)  # a question after every event, as the LM was trained
         question = story.questions[-1]
         prompt = story.prompt(question)
-        with SolverStatsRecorder(generator.model) as recorder:
+        with SolverStatsRecorder(generator.model) as recorder, warnings.catch_warnings():
+            # Reported below as the share of solves that converged.
+            warnings.filterwarnings("ignore", message=NOT_CONVERGED_MESSAGE)
             text = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
         answer = text.strip()
         stats = recorder.summary()
         solve = stats["per_token"] or stats["per_sequence"]
         answers.append({"events": len(story.events), "question": question.text, "answer": answer,
                         "expected": question.answer, "correct": answer == question.answer,
-                        "iterations_mean": solve["iterations_mean"] if solve else None})
+                        "iterations_mean": solve["iterations_mean"] if solve else None,
+                        "converged_fraction": solve["converged_fraction"] if solve else None})
         if index < args.show:
             shown = prompt if len(prompt) < 220 else prompt[:100] + " ... " + prompt[-110:]
             mark = "right" if answer == question.answer else f"wrong, expected {question.answer}"
@@ -128,8 +162,9 @@ def stories(args: argparse.Namespace) -> dict[str, Any]:
           f"stories of {min(args.story_events)}-{max(args.story_events)} events, answers are one of 6 rooms).")
     iterations = [a["iterations_mean"] for a in answers if a["iterations_mean"] is not None]
     if iterations:
+        converged = [a["converged_fraction"] for a in answers if a["converged_fraction"] is not None]
         print(f"Solver iterations per token while reading the stories and answering: mean "
-              f"{sum(iterations) / len(iterations):.1f}")
+              f"{sum(iterations) / len(iterations):.1f}; solves converged: {sum(converged) / len(converged):.1%}")
     return {"accuracy": correct / len(answers), "answers": answers}
 
 
@@ -138,28 +173,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models", help="the bundled models (models/)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "demo")
-    parser.add_argument("--lengths", default="32,64,128,256", help="state-tracking test lengths")
-    parser.add_argument("--num-samples", type=int, default=128, help="state-tracking sequences per length")
+    parser.add_argument("--groups", default=",".join(GROUPS), help="word problems shown (default S5,A5)")
+    parser.add_argument("--lengths", default="32,64,128,256",
+                        help="state-tracking test lengths, sequential mode (bigger grids: implicit-lm eval "
+                             "state-tracking)")
+    parser.add_argument("--num-samples", type=int, default=32, help="state-tracking sequences per length (32)")
+    parser.add_argument("--duality-lengths", default="32,64,128",
+                        help="lengths of the simultaneous-mode (duality) evaluation; empty to skip")
+    parser.add_argument("--duality-samples", type=int, default=8, help="sequences per duality length (8)")
     parser.add_argument("--pipeline-length", type=int, default=200, help="permutations per pipeline prompt")
-    parser.add_argument("--pipeline-prompts", type=int, default=10, help="word problems given to the pipeline")
+    parser.add_argument("--pipeline-prompts", type=int, default=4, help="word problems given to the pipeline")
     parser.add_argument("--stories", type=int, default=30, help="story questions to ask")
     parser.add_argument("--story-events", default="4,8,16", help="story lengths (events) to draw from")
     parser.add_argument("--show", type=int, default=3, help="stories printed in full")
     args = parser.parse_args(argv)
     try:
         args.lengths = [int(part) for part in args.lengths.split(",")]
+        args.duality_lengths = [int(part) for part in args.duality_lengths.split(",") if part.strip()]
         args.story_events = [int(part) for part in args.story_events.split(",")]
     except ValueError:
-        parser.error("--lengths and --story-events take comma-separated integers")
-    counts = (args.num_samples, args.stories, args.pipeline_length, args.pipeline_prompts)
-    if min(args.lengths) < 1 or min(args.story_events) < 1 or min(counts) < 1:
-        parser.error("lengths, --num-samples, --stories and the --pipeline-* counts must be positive")
+        parser.error("--lengths, --duality-lengths and --story-events take comma-separated integers")
+    args.groups = [part.strip() for part in args.groups.split(",") if part.strip()]
+    if not args.groups or set(args.groups) - set(GROUPS):
+        parser.error(f"--groups {','.join(args.groups)!r}: choose from {','.join(GROUPS)}")
+    counts = (args.num_samples, args.duality_samples, args.stories, args.pipeline_length, args.pipeline_prompts)
+    if min(args.lengths + args.duality_lengths + args.story_events) < 1 or min(counts) < 1:
+        parser.error("lengths, --num-samples, --duality-samples, --stories and the --pipeline-* counts must be "
+                     "positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    missing = [name for name in (*STATE_TRACKING_MODELS, STORY_MODEL) if not (args.models_dir / name).is_dir()]
+    bundled = [f"{base}-{group.lower()}" for group in args.groups for base in STATE_TRACKING_BASES]
+    missing = [name for name in (*bundled, STORY_MODEL) if not (args.models_dir / name).is_dir()]
     if missing:
         raise SystemExit(f"The bundled models {missing} are not in {args.models_dir}; run the demo from a checkout of "
                          "implicit-lm (its models/ folder) or pass --models-dir.")

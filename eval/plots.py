@@ -23,11 +23,12 @@ def save_figure(figure: Any, path: str | os.PathLike) -> None:
     logger.info("Wrote %s", path)
 
 
-def new_figure(columns: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
-    """A headless matplotlib figure (Agg backend: no display needed)."""
+def new_figure(columns: int = 1, width: float = 6.0, height: float = 4.0, rows: int = 1) -> tuple[Any, Any]:
+    """A headless matplotlib figure of `rows` x `columns` panels (Agg backend: no display needed); the axes are a
+    2-D array in every case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, columns, figsize=(width * columns, height), squeeze=False)
+    return plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)

@@ -6,17 +6,21 @@ Tokens and labels are stored as uint8. `implicit-lm eval state-tracking --group 
 
 Length generalisation (the paper's Figure 1 right and Figure 3): `--model DIR` (repeatable) evaluates trained models
 on fresh word problems of each of `--lengths`, in sequential mode (token by token, each token iterated to its fixed
-point: how the model runs as an RNN) and simultaneous mode (the whole sequence solved at once), and reports per-token
-accuracy and solver iterations per length as a table, `length_generalization.json` and `length_generalization.png`:
+point: how the model runs as an RNN) and simultaneous mode (the whole sequence solved at once, with an iteration cap
+that grows with the length: 2L by default), and reports per-token accuracy, solver iterations with the share of
+solves that converged, and the share of simultaneous predictions identical to the sequential ones (duality), as
+tables, `length_generalization.json` and `length_generalization.png`:
 
-    implicit-lm eval state-tracking --model models/implicit-mamba2-a5 --model models/mamba2-a5-4layer --group A5 \
-        --lengths 32,64,128,256 --num-samples 256 --output-dir eval_results
+    implicit-lm eval state-tracking --model models/implicit-mamba2-a5 --model models/mamba2-16layer-a5 --group A5 \
+        --lengths 32,64,128,256,1024 --num-samples 256 --simultaneous-caps 2L,config --simultaneous-max-length 256 \
+        --output-dir eval_results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,6 +60,18 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> Accuracy:
     return Accuracy(correct.mean(0), correct.mean().item())
 
 
+# The solver's warning for solves that hit their cap: expected here (the evaluation reports the converged share).
+NOT_CONVERGED_MESSAGE = "Fixed-point solver did not converge"
+
+
+def mode_label(row: dict[str, Any]) -> str:
+    """How a row was solved: `sequential`, `simultaneous (cap 2L)` / `(cap 128)`, or `explicit` (no solver)."""
+    if row["mode"] != "simultaneous":
+        return row["mode"]
+    cap = row.get("cap_per_token")
+    return f"simultaneous (cap {cap:g}L)" if cap is not None else f"simultaneous (cap {row['iteration_cap']})"
+
+
 @torch.no_grad()
 def length_generalization(
     model: torch.nn.Module,
@@ -66,13 +82,25 @@ def length_generalization(
     p: float | None = None,
     modes: tuple[str, ...] = DEFAULT_MODES,
     batch_size: int = 64,
+    simultaneous_caps: tuple[float | None, ...] = (2.0,),
+    simultaneous_max_length: int | None = None,
+    progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy and solver iterations of `model` on fresh word problems of each length, in each inference mode.
 
-    One row per (length, mode): `accuracy` (per token, over every position of every sample), `sequence_accuracy`
-    (samples with every position right), `final_accuracy` (the last position only), and for implicit models the
-    solver iterations: per token in sequential mode, per whole-sequence solve in simultaneous mode
-    (`iterations_mean`, `iterations_max`, `converged_fraction`). Explicit models report `None` iterations.
+    One row per (length, mode[, cap]): `accuracy` (per token, over every position of every sample),
+    `sequence_accuracy` (samples with every position right), `final_accuracy` (the last position only), and for
+    implicit models the solver iterations: per token in sequential mode, per whole-sequence solve in simultaneous mode
+    (`iterations_mean`, `iterations_max`, `converged_fraction`: the share of solves that met the tolerance before the
+    cap; the solver's non-convergence warnings are not raised, this column reports them).
+
+    Simultaneous mode is solved once per entry of `simultaneous_caps`: a number c caps the solve at c * length
+    iterations, or the model's `eval_max_iterations` where that is more (information crosses about one position per
+    iteration, so a cap below the length cannot reach the sequential fixed point); None keeps the model's cap. Its rows carry `iteration_cap`,
+    `cap_per_token` and, when sequential mode is evaluated too, `agreement`: the share of predictions identical to
+    the sequential mode's (the duality of the two modes). `simultaneous_max_length` skips simultaneous mode on
+    longer inputs (its cost grows with the square of the length). An explicit model (no solver) is evaluated once
+    per length, in rows of mode `explicit`. `progress` shows a bar over the forward calls (None: on a terminal).
     """
     size = get_monoid(group).size
     if size > model.config.vocab_size:
@@ -80,89 +108,144 @@ def length_generalization(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}: choose from {MODES}")
-    device = next(model.parameters()).device
-    rows = []
-    progress = tqdm(total=len(lengths) * len(modes), desc="lengths x modes", unit="eval", leave=False, disable=None)
+    if any(cap is not None and cap <= 0 for cap in simultaneous_caps):
+        raise ValueError(f"simultaneous_caps must be positive multiples of the length (or None), got {simultaneous_caps}")
+    implicit = is_implicit(model)
+    solves: list[tuple[int, str, float | None]] = []  # (length, mode, cap per token)
     for length in lengths:
-        tokens, labels = sample(group, num_samples, length, seed + LENGTH_SEED_STRIDE * length, p)
+        if not implicit:
+            solves.append((length, "explicit", None))
+            continue
         for mode in modes:
-            correct, iterations, converged = [], [], []
-            for start in range(0, num_samples, batch_size):
-                batch = tokens[start : start + batch_size].long().to(device)
-                output = model(input_ids=batch, use_cache=False, **solver_kwargs(model, inference_mode=mode))
-                correct.append(output.logits.argmax(-1).cpu() == labels[start : start + batch_size].long())
-                stats = getattr(output, "solver_stats", None)
-                if stats is not None and is_implicit(model):
-                    iterations.append(stats.iterations.flatten().cpu().double())
-                    converged.append(stats.converged.flatten().cpu())
-            correct = torch.cat(correct).double()
-            row = {
-                "length": length,
-                "mode": mode,
-                "accuracy": correct.mean().item(),
-                "sequence_accuracy": correct.min(1).values.mean().item(),
-                "final_accuracy": correct[:, -1].mean().item(),
-                "iterations_mean": None,
-                "iterations_max": None,
-                "converged_fraction": None,
-            }
-            if iterations:
-                iterations = torch.cat(iterations)
-                row.update(iterations_mean=iterations.mean().item(), iterations_max=int(iterations.max().item()),
-                           converged_fraction=torch.cat(converged).float().mean().item())
-            rows.append(row)
-            progress.update()
-    progress.close()
+            if mode == "sequential":
+                solves.append((length, mode, None))
+            elif simultaneous_max_length is None or length <= simultaneous_max_length:
+                solves.extend((length, mode, cap) for cap in simultaneous_caps)
+    device = next(model.parameters()).device
+    batches = -(-num_samples // batch_size)
+    bar = tqdm(total=len(solves) * batches, desc=f"{group} lengths x modes", unit="batch", leave=False,
+               disable=not progress if progress is not None else None)
+    rows = []
+    predictions: dict[tuple[int, str], torch.Tensor] = {}
+    for length, mode, cap in solves:
+        tokens, labels = sample(group, num_samples, length, seed + LENGTH_SEED_STRIDE * length, p)
+        overrides: dict[str, Any] = {}
+        if mode != "explicit":
+            overrides["inference_mode"] = mode
+        if cap is not None:
+            overrides["eval_max_iterations"] = max(model.config.eval_max_iterations, round(cap * length))
+        predicted, iterations, converged = [], [], []
+        for start in range(0, num_samples, batch_size):
+            batch = tokens[start : start + batch_size].long().to(device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=NOT_CONVERGED_MESSAGE)
+                output = model(input_ids=batch, use_cache=False, **solver_kwargs(model, **overrides))
+            predicted.append(output.logits.argmax(-1).cpu())
+            stats = getattr(output, "solver_stats", None)
+            if stats is not None and implicit:
+                iterations.append(stats.iterations.flatten().cpu().double())
+                converged.append(stats.converged.flatten().cpu())
+            bar.update()
+        predicted = torch.cat(predicted)
+        correct = (predicted == labels.long()).double()
+        row = {
+            "length": length,
+            "mode": mode,
+            "num_samples": num_samples,
+            "accuracy": correct.mean().item(),
+            "sequence_accuracy": correct.min(1).values.mean().item(),
+            "final_accuracy": correct[:, -1].mean().item(),
+            "iterations_mean": None,
+            "iterations_max": None,
+            "converged_fraction": None,
+        }
+        if iterations:
+            iterations = torch.cat(iterations)
+            row.update(iterations_mean=iterations.mean().item(), iterations_max=int(iterations.max().item()),
+                       converged_fraction=torch.cat(converged).float().mean().item())
+        if mode == "sequential":
+            predictions[length, mode] = predicted
+        elif mode == "simultaneous":
+            reference = predictions.get((length, "sequential"))
+            row.update(iteration_cap=overrides.get("eval_max_iterations", model.config.eval_max_iterations),
+                       cap_per_token=cap,
+                       agreement=None if reference is None else (predicted == reference).double().mean().item())
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def _by_label(entry: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in entry["rows"]:
+        rows.setdefault(mode_label(row), {})[row["length"]] = row
     return rows
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: one line per (model, mode), per-token accuracy at each length, then mean iterations."""
+    """Markdown tables: per-token accuracy at each length, one line per (model, mode); then the solver iterations
+    (mean per token in sequential mode, per solve in simultaneous mode) with the share of solves that converged;
+    then, where simultaneous mode ran beside sequential mode, the share of identical predictions (duality)."""
     lengths = sorted({row["length"] for entry in results.values() for row in entry["rows"]})
-    header = ["model", "params", "mode", *[f"acc@{n}" for n in lengths], *[f"iters@{n}" for n in lengths]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    columns = [f"{n}" for n in lengths]
+    accuracy = ["| model | params | mode | " + " | ".join(f"acc@{n}" for n in columns) + " |",
+                "|" + "---|" * (3 + len(lengths))]
+    iterations = ["| model | mode | " + " | ".join(f"iters (converged) @{n}" for n in columns) + " |",
+                  "|" + "---|" * (2 + len(lengths))]
+    duality = ["| model | mode | " + " | ".join(f"same as sequential @{n}" for n in columns) + " |",
+               "|" + "---|" * (2 + len(lengths))]
     for name, entry in results.items():
-        for mode in dict.fromkeys(row["mode"] for row in entry["rows"]):
-            by_length = {row["length"]: row for row in entry["rows"] if row["mode"] == mode}
-            accuracies = [f"{by_length[n]['accuracy']:.3f}" if n in by_length else "" for n in lengths]
-            iterations = [
-                f"{by_length[n]['iterations_mean']:.1f}" if by_length.get(n, {}).get("iterations_mean") is not None
-                else "-" for n in lengths
-            ]
-            lines.append(f"| {name} | {entry['parameters'] / 1e3:.0f}K | {mode} | " + " | ".join(
-                accuracies + iterations) + " |")
-    return "\n".join(lines)
+        for label, by_length in _by_label(entry).items():
+            cells = [f"{by_length[n]['accuracy']:.3f}" if n in by_length else "" for n in lengths]
+            accuracy.append(f"| {name} | {entry['parameters'] / 1e3:.0f}K | {label} | " + " | ".join(cells) + " |")
+            if any(row["iterations_mean"] is not None for row in by_length.values()):
+                cells = [f"{by_length[n]['iterations_mean']:.1f} ({by_length[n]['converged_fraction']:.1%})"
+                         if n in by_length else "" for n in lengths]
+                iterations.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+            if any(row.get("agreement") is not None for row in by_length.values()):
+                cells = [f"{by_length[n]['agreement']:.4f}" if by_length.get(n, {}).get("agreement") is not None
+                         else "" for n in lengths]
+                duality.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    tables = ["\n".join(accuracy)]
+    if len(iterations) > 2:
+        tables.append("Solver iterations (share of solves converged):\n\n" + "\n".join(iterations))
+    if len(duality) > 2:
+        tables.append("Duality, predictions identical to sequential mode's:\n\n" + "\n".join(duality))
+    return "\n\n".join(tables)
 
 
-def plot_length_generalization(results: dict[str, dict[str, Any]], path: Path, train_length: int | None = None
-                               ) -> None:
-    """Accuracy vs length (left; solid sequential, dashed simultaneous) and solver iterations vs length (right:
-    per token in sequential mode, per sequence solve in simultaneous mode) for every model, like Figure 1 right."""
-    figure, axes = new_figure(columns=2)
-    left, right = axes[0]
-    styles = {"sequential": "-", "simultaneous": "--"}
-    for index, (name, entry) in enumerate(results.items()):
-        color = f"C{index}"
-        for mode in dict.fromkeys(row["mode"] for row in entry["rows"]):
-            rows = [row for row in entry["rows"] if row["mode"] == mode]
-            lengths = [row["length"] for row in rows]
-            left.plot(lengths, [row["accuracy"] for row in rows], styles[mode], marker="o", color=color,
-                      label=f"{name} ({mode})")
-            if rows[0]["iterations_mean"] is not None:
-                right.plot(lengths, [row["iterations_mean"] for row in rows], styles[mode], marker="s", color=color,
-                           label=f"{name} ({'per token' if mode == 'sequential' else 'per sequence'})")
-    for axis in (left, right):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("sequence length")
-        axis.grid(alpha=0.3)
-        if train_length is not None:
-            axis.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
-    left.set_ylabel("per-token accuracy")
-    left.set_ylim(0, 1.02)
-    right.set_ylabel("solver iterations")
-    left.legend(fontsize=7)
-    if right.lines:
-        right.legend(fontsize=7)
+def plot_length_generalization(panels: dict[str, dict[str, dict[str, Any]]], path: Path,
+                               train_length: int | None = None) -> None:
+    """One row of panels per entry of `panels` (title -> results, e.g. one per group): accuracy vs length (left;
+    solid sequential or explicit, dashed simultaneous) and solver iterations vs length (right: per token in
+    sequential mode, per sequence solve in simultaneous mode) for every model, like Figure 1 right."""
+    figure, axes = new_figure(columns=2, rows=len(panels))
+    for (title, results), (left, right) in zip(panels.items(), axes):
+        for index, (name, entry) in enumerate(results.items()):
+            for style_index, (label, by_length) in enumerate(_by_label(entry).items()):
+                lengths = sorted(by_length)
+                rows = [by_length[n] for n in lengths]
+                style = ("-", "--", ":", "-.")[style_index % 4]
+                left.plot(lengths, [row["accuracy"] for row in rows], style, marker="o", color=f"C{index}",
+                          label=f"{name} ({label})")
+                if rows[0]["iterations_mean"] is not None:
+                    right.plot(lengths, [row["iterations_mean"] for row in rows], style, marker="s",
+                               color=f"C{index}", label=f"{name} ({label})")
+        for axis in (left, right):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("sequence length")
+            axis.grid(alpha=0.3)
+            if train_length is not None:
+                axis.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
+        left.set_title(f"{title}: per-token accuracy")
+        left.set_ylabel("per-token accuracy")
+        left.set_ylim(0, 1.02)
+        right.set_title(f"{title}: solver iterations (per token / per sequence solve)")
+        right.set_ylabel("solver iterations")
+        right.set_yscale("log")
+        left.legend(fontsize=7)
+        if right.lines:
+            right.legend(fontsize=7)
     save_figure(figure, path)
 
 
@@ -178,6 +261,21 @@ def model_labels(folders: list[str]) -> dict[str, str]:
     return labels
 
 
+def parse_caps(text: str) -> tuple[float | None, ...]:
+    """`--simultaneous-caps`: comma-separated multiples of the length, or `config` (the model's own cap)."""
+    caps: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            cap = None if part == "config" else float(part.removesuffix("L"))
+        except ValueError as error:
+            raise InputError(f"--simultaneous-caps {text!r}: give multiples of the length (2 or 2L) or config") from error
+        if cap is not None and cap <= 0:
+            raise InputError(f"--simultaneous-caps {text!r}: multiples of the length must be positive")
+        caps.append(cap)
+    return tuple(caps)
+
+
 def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
     """`--model` mode of the CLI: length generalisation of every model, as JSON, PNG and a printed table."""
     try:
@@ -189,13 +287,14 @@ def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
     modes = tuple(part.strip() for part in args.modes.split(","))
     if not modes or set(modes) - set(MODES):
         raise InputError(f"--modes {args.modes!r}: choose from {','.join(MODES)}")
+    caps = parse_caps(args.simultaneous_caps)
     num_samples = 256 if args.num_samples is None else args.num_samples
     results: dict[str, dict[str, Any]] = {}
     for name, folder in model_labels(args.model).items():
         model, _ = load_model(folder, device=args.device)
         try:
             rows = length_generalization(model, args.group, lengths, num_samples, args.seed, args.p, modes,
-                                         args.batch_size)
+                                         args.batch_size, caps, args.simultaneous_max_length)
         except ValueError as error:
             raise InputError(f"{folder}: {error}") from error
         results[name] = {"path": str(folder), "parameters": sum(p.numel() for p in model.parameters()),
@@ -204,7 +303,8 @@ def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
                "results": results, "metadata": run_metadata(args)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.output_dir / "length_generalization.json", payload)
-    plot_length_generalization(results, args.output_dir / "length_generalization.png", args.train_length)
+    plot_length_generalization({args.group: results}, args.output_dir / "length_generalization.png",
+                               args.train_length)
     print(format_table(results))
     print(f"wrote {args.output_dir / 'length_generalization.json'} and length_generalization.png")
     return payload
@@ -224,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--model", action="append", help="Hub-layout model folder; repeat to compare models")
     evaluation.add_argument("--lengths", default="32,64,128,256", help="comma-separated test lengths")
     evaluation.add_argument("--modes", default=",".join(DEFAULT_MODES), help="inference modes (default: both)")
+    evaluation.add_argument("--simultaneous-caps", default="2L",
+                            help="iteration caps of simultaneous mode: multiples of the length (2L) or `config` "
+                                 "(the model's eval_max_iterations); comma-separated for several (default 2L)")
+    evaluation.add_argument("--simultaneous-max-length", type=int,
+                            help="skip simultaneous mode on longer inputs (its cost grows with the length squared)")
     evaluation.add_argument("--batch-size", type=int, default=64, help="sequences per forward (default 64)")
     evaluation.add_argument("--train-length", type=int, help="marks the training length on the plot")
     evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

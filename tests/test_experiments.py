@@ -14,52 +14,79 @@ def stage_steps(log_path) -> list[int]:
     return [record["step"] for record in map(json.loads, log_path.read_text().splitlines()) if "loss" in record]
 
 
-def test_state_tracking_experiment(tmp_path):
+def test_state_tracking_experiment(tmp_path, monkeypatch):
     from implicit_lm.tasks.word_problems import element_names
     from implicit_lm.training import state_tracking_experiment as experiment
     from transformers import AutoModelForCausalLM, pipeline
 
+    # Short test lengths: the toy models are untrained, so their sequential solves take many iterations per token.
+    monkeypatch.setattr(experiment, "EVAL_LENGTHS", (8, 16))
+    monkeypatch.setattr(experiment, "DUALITY_LENGTHS", (8, 16))
+    monkeypatch.setattr(experiment, "VALIDATION_LENGTH", 16)
     run, bundle = tmp_path / "run", tmp_path / "models"
-    arguments = ["--output-dir", str(run), "--models", "implicit-mamba2,mamba2-4layer", "--steps-scale", "0.002",
-                 "--num-samples", "2", "--hidden-size", "16", "--bundle-dir", str(bundle)]
+    arguments = ["--output-dir", str(run), "--groups", "A5", "--models", "implicit-mamba2,mamba2-16layer",
+                 "--seeds", "0,1", "--steps-scale", "0.002", "--num-samples", "3", "--duality-samples", "2",
+                 "--hidden-size", "16", "--baseline-hidden-size", "16", "--bundle-dir", str(bundle)]
     threads = torch.get_num_threads()
     payload = experiment.main(arguments)
     assert torch.get_num_threads() == threads  # evaluation used every core, then gave the setting back
-    results = payload["results"]
-    assert set(results) == {"implicit-mamba2", "mamba2-4layer"}
+    evaluation = payload["evaluations"]["A5"]
+    results = evaluation["results"]
+    assert list(results) == ["implicit-mamba2", "mamba2-16layer"]
+    implicit, explicit = results["implicit-mamba2"], results["mamba2-16layer"]
+    assert [(row["length"], row["mode"]) for row in explicit["rows"]] == [(8, "explicit"), (16, "explicit")]
+    # Sequential on the test set, then simultaneous with caps 2L and the model's own on the duality set.
+    assert [(row["length"], row["mode"], row.get("cap_per_token"), row["num_samples"]) for row in implicit["rows"]] == [
+        (8, "sequential", None, 3), (16, "sequential", None, 3), (8, "simultaneous", 2.0, 2),
+        (8, "simultaneous", None, 2), (16, "simultaneous", 2.0, 2), (16, "simultaneous", None, 2)]
+    simultaneous = [row for row in implicit["rows"] if row["mode"] == "simultaneous"]
+    assert all(0 <= row["agreement"] <= 1 for row in simultaneous)
+    assert [row["iteration_cap"] for row in simultaneous] == [128, 128, 128, 128]  # 2L < the model's own cap here
     for entry in results.values():
-        assert [(row["length"], row["mode"]) for row in entry["rows"]] == [
-            (n, mode) for n in experiment.EVAL_LENGTHS for mode in ("sequential", "simultaneous")]
         assert all(seconds > 0 for seconds in entry["stage_seconds"])
-    # Stage 1 trains 2000 * 0.002 steps on length 8, stage 2 1000 * 0.002 steps on length 32, from stage 1's weights.
-    implicit_dir = run / "implicit-mamba2"
+    # Two seeds trained; the one with the better validation accuracy is kept, with the mean and spread of both.
+    seeds = evaluation["seeds"]
+    assert set(seeds["validation_accuracy"]) == {"implicit-mamba2-seed0", "implicit-mamba2-seed1"}
+    assert seeds["validation_accuracy"][seeds["kept"]] == max(seeds["validation_accuracy"].values())
+    assert implicit["seed"] == int(seeds["kept"].removeprefix("implicit-mamba2-seed"))
+    accuracies = [seeds["test_accuracy"][name][16] for name in seeds["test_accuracy"]]
+    assert seeds["per_length"][16]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert seeds["per_length"][16]["max"] == max(accuracies)
+    # Stage 1 trains 2000 * 0.002 steps on length 8, stages 2 and 3 800 and 1200 * 0.002 on length 32; the
+    # explicit baseline trains stages 1 and 2 only.
+    implicit_dir = run / "a5" / "implicit-mamba2-seed0"
     assert stage_steps(implicit_dir / "stage-1" / "train_log.jsonl") == [1, 2, 3, 4]
     assert stage_steps(implicit_dir / "stage-2" / "train_log.jsonl") == [1, 2]
+    assert stage_steps(implicit_dir / "stage-3" / "train_log.jsonl") == [1, 2]
+    assert not (run / "a5" / "mamba2-16layer" / "stage-3").exists()
     stage_2 = json.loads((implicit_dir / "stage-2-curriculum.json").read_text())["phases"][0]
     assert (stage_2["max_iterations"], stage_2["phantom_steps"]) == (32, 4)
-    assert not (run / "mamba2-4layer" / "stage-1-curriculum.json").exists()  # explicit: no solver settings
-    assert "| implicit-mamba2 |" in (run / "results.md").read_text()
+    assert not (run / "a5" / "mamba2-16layer" / "stage-1-curriculum.json").exists()  # explicit: no solver settings
+    report = (run / "results.md").read_text()
+    assert "| implicit-mamba2 |" in report and "same as sequential" in report and "mean +- std" in report
     assert (run / "length_generalization.png").stat().st_size > 0
 
-    for name, implicit in (("implicit-mamba2-a5", True), ("mamba2-4layer-a5", False)):
+    for name, implicit_model in (("implicit-mamba2-a5", True), ("mamba2-16layer-a5", False)):
         folder = bundle / name
         recorded = json.loads((folder / "state_tracking.json").read_text())
-        assert recorded["implicit"] is implicit and recorded["train_length"] == 32 and len(recorded["rows"]) == 8
+        assert recorded["implicit"] is implicit_model and recorded["train_length"] == 32
+        assert len(recorded["rows"]) == (6 if implicit_model else 2)
         metadata = validate_model_card((folder / "README.md").read_text())
         assert "state-tracking" in metadata["tags"]
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-        assert model.config.implicit is implicit and model.config.vocab_size == 64
+        assert model.config.implicit is implicit_model and model.config.vocab_size == 64
         generated = pipeline("text-generation", model=str(folder), trust_remote_code=True)(
             "01342 10324 12034", max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
         assert generated.strip() in element_names("A5")
+    assert "mean +- std" in (bundle / "implicit-mamba2-a5" / "README.md").read_text()
     assert not list(bundle.glob(".*partial*"))
 
-    # A second run finds both stages of every model finished, only evaluates again, and reports the recorded times.
-    logs = sorted(run.glob("*/stage-*.log"))
+    # A second run finds every stage of every model finished, only evaluates again, and reports the recorded times.
+    logs = sorted(run.glob("*/*/stage-*.log"))
     before = [log.stat().st_mtime_ns for log in logs]
     again = experiment.main(arguments)
     assert [log.stat().st_mtime_ns for log in logs] == before
-    assert {name: entry["stage_seconds"] for name, entry in again["results"].items()} == {
+    assert {name: entry["stage_seconds"] for name, entry in again["evaluations"]["A5"]["results"].items()} == {
         name: entry["stage_seconds"] for name, entry in results.items()}
 
 
@@ -68,7 +95,9 @@ def test_state_tracking_experiment_rejects_bad_arguments(tmp_path, capsys):
 
     for arguments, message in (
         (["--models", "implicit-mamba2,transformer"], "unknown ['transformer']"),
-        (["--models", "implicit-mamba2", "--bundle-dir", str(tmp_path / "m")], "needs the models ['mamba2-4layer']"),
+        (["--groups", "A5,Z3"], "unknown ['Z3']"),
+        (["--seeds", "0,x"], "--seeds takes comma-separated integers"),
+        (["--models", "implicit-mamba2", "--bundle-dir", str(tmp_path / "m")], "needs the models ['mamba2-16layer']"),
         (["--steps-scale", "0"], "--steps-scale must be positive"),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -86,10 +115,10 @@ def test_stories_experiment(tmp_path):
                                "64", "--batch-size", "2", "--steps", "3", "--stories-per-length", "2",
                                "--bundle-dir", str(bundle)])
     results = payload["results"]
-    assert set(results) == {"implicit-mamba2", "mamba2-2layer"}
+    assert set(results) == {"implicit-mamba2", "mamba2-16layer"}
     assert [row["events"] for row in results["implicit-mamba2"]["rows"]] == list(experiment.EVAL_LENGTHS)
     assert all(row["answer_iterations_mean"] >= 1 for row in results["implicit-mamba2"]["rows"])
-    assert all(row["answer_iterations_mean"] is None for row in results["mamba2-2layer"]["rows"])
+    assert all(row["answer_iterations_mean"] is None for row in results["mamba2-16layer"]["rows"])
     assert len((run / "train.jsonl").read_text().splitlines()) == 40
     assert stage_steps(run / "implicit-mamba2" / "train" / "train_log.jsonl") == [1, 2, 3]
     assert (run / "stories.png").stat().st_size > 0

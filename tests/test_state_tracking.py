@@ -8,6 +8,7 @@ import math
 import random
 import subprocess
 import sys
+import warnings
 from functools import reduce
 
 import pytest
@@ -265,16 +266,18 @@ def test_cli_bad_input_exits_2(arguments, message, tmp_path, capsys):
 class Oracle(torch.nn.Module):
     """Predicts the running product exactly, except at positions >= `wrong_from` (predicts a wrong element)."""
 
-    def __init__(self, group: str, wrong_from: int):
+    def __init__(self, group: str, wrong_from: int, implicit: bool = True):
         super().__init__()
         self.monoid, self.wrong_from = wp.get_monoid(group), wrong_from
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.config = type("Config", (), {"vocab_size": 64, "inference_mode": "simultaneous",
-                                          "model_type": "implicit_mamba2", "implicit": False})()
-        self.modes_seen = []
+                                          "model_type": "implicit_mamba2", "implicit": implicit,
+                                          "eval_max_iterations": 50})()
+        self.calls = []
 
     def forward(self, input_ids, use_cache=False, solver_overrides=None):
-        self.modes_seen.append((solver_overrides or {}).get("inference_mode", self.config.inference_mode))
+        overrides = solver_overrides or {}
+        self.calls.append((overrides.get("inference_mode", "-"), overrides.get("eval_max_iterations")))
         labels = self.monoid.running_product(input_ids.to(torch.uint8)).long()
         labels[:, self.wrong_from :] = (labels[:, self.wrong_from :] + 1) % self.monoid.size
         return type("Output", (), {"logits": torch.nn.functional.one_hot(labels, 64).float(), "solver_stats": None})
@@ -282,19 +285,36 @@ class Oracle(torch.nn.Module):
 
 def test_length_generalization_metrics_on_an_oracle():
     oracle = Oracle("A5", wrong_from=30)
-    rows = st.length_generalization(oracle, "A5", [20, 40], num_samples=5, batch_size=2)
-    assert [(r["length"], r["mode"]) for r in rows] == [(20, "sequential"), (20, "simultaneous"),
-                                                         (40, "sequential"), (40, "simultaneous")]
-    assert oracle.modes_seen == ["sequential"] * 3 + ["simultaneous"] * 3 + ["sequential"] * 3 + ["simultaneous"] * 3
-    assert oracle.config.inference_mode == "simultaneous"  # restored
-    short, long = rows[0], rows[2]
+    rows = st.length_generalization(oracle, "A5", [20, 40], num_samples=5, batch_size=2, simultaneous_caps=(2.0, None))
+    assert [(r["length"], st.mode_label(r)) for r in rows] == [
+        (20, "sequential"), (20, "simultaneous (cap 2L)"), (20, "simultaneous (cap 50)"),
+        (40, "sequential"), (40, "simultaneous (cap 2L)"), (40, "simultaneous (cap 50)")]
+    # Three batches per solve; a cap of 2L never falls below the model's own (50), and None keeps it.
+    assert oracle.calls == ([("sequential", None)] * 3 + [("simultaneous", 50)] * 3 + [("simultaneous", None)] * 3
+                            + [("sequential", None)] * 3 + [("simultaneous", 80)] * 3 + [("simultaneous", None)] * 3)
+    assert [r.get("iteration_cap") for r in rows] == [None, 50, 50, None, 80, 50]
+    assert oracle.config.inference_mode == "simultaneous"  # untouched
+    short, long = rows[0], rows[3]
     assert short["accuracy"] == short["sequence_accuracy"] == short["final_accuracy"] == 1.0
     assert long["accuracy"] == pytest.approx(30 / 40) and long["sequence_accuracy"] == long["final_accuracy"] == 0
-    assert long["iterations_mean"] is None  # not an implicit model
+    assert long["iterations_mean"] is None  # no solver statistics
+    assert all(row["agreement"] == 1.0 for row in rows if row["mode"] == "simultaneous")
+    assert all(row["num_samples"] == 5 for row in rows)
+    # Simultaneous mode skipped past a length; an explicit model is evaluated once per length, without overrides.
+    rows = st.length_generalization(oracle, "A5", [20, 40], num_samples=2, simultaneous_max_length=20)
+    assert [(r["length"], r["mode"]) for r in rows] == [(20, "sequential"), (20, "simultaneous"), (40, "sequential")]
+    explicit = Oracle("A5", wrong_from=30, implicit=False)
+    rows = st.length_generalization(explicit, "A5", [20, 40], num_samples=2)
+    assert [(r["length"], r["mode"]) for r in rows] == [(20, "explicit"), (40, "explicit")]
+    assert explicit.calls == [("-", None)] * 2
+    table = st.format_table({"oracle": {"parameters": 1000, "rows": rows}})
+    assert "| oracle | 1K | explicit | 1.000 | 0.750 |" in table and "Duality" not in table
     with pytest.raises(ValueError, match="more than the model's vocabulary"):
         st.length_generalization(oracle, "S5", [4], num_samples=2)
     with pytest.raises(ValueError, match="unknown modes"):
         st.length_generalization(oracle, "A5", [4], num_samples=2, modes=("parallel",))
+    with pytest.raises(ValueError, match="simultaneous_caps"):
+        st.length_generalization(oracle, "A5", [4], num_samples=2, simultaneous_caps=(0.0,))
 
 
 def test_length_generalization_of_an_implicit_model():
@@ -303,12 +323,24 @@ def test_length_generalization_of_an_implicit_model():
     from conftest import tiny_mamba2
 
     model = tiny_mamba2(num_hidden_layers=1, tolerance=1e-5)
-    rows = st.length_generalization(model, "A5", [6, 12], num_samples=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # expected non-convergence is reported in a column, never warned about
+        rows = st.length_generalization(model, "A5", [6, 12], num_samples=4)
+        capped = st.length_generalization(model, "A5", [12], num_samples=4, modes=("simultaneous",),
+                                          simultaneous_caps=(None,), progress=False)
     sequential, simultaneous = rows[2], rows[3]
     assert sequential["mode"] == "sequential" and simultaneous["mode"] == "simultaneous"
-    assert sequential["accuracy"] == simultaneous["accuracy"]
+    assert sequential["accuracy"] == simultaneous["accuracy"] and simultaneous["agreement"] == 1.0
     assert 1 <= sequential["iterations_mean"] <= sequential["iterations_max"] <= model.config.eval_max_iterations
     assert sequential["converged_fraction"] == simultaneous["converged_fraction"] == 1.0
+    assert capped[0]["agreement"] is None  # no sequential predictions to compare with
+
+    model.config.eval_max_iterations = 2  # far too few: the solves stop at the cap, silently, and the column says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (row,) = st.length_generalization(model, "A5", [12], num_samples=4, modes=("simultaneous",),
+                                          simultaneous_caps=(None,))
+    assert row["converged_fraction"] == 0.0 and row["iterations_max"] == 2
 
 
 def test_cli_evaluates_models(tmp_path, capsys):
@@ -324,7 +356,7 @@ def test_cli_evaluates_models(tmp_path, capsys):
     assert implicit["implicit"] and not explicit["implicit"] and len(implicit["rows"]) == 4
     assert all(row["iterations_mean"] is None for row in explicit["rows"])
     out = capsys.readouterr().out
-    assert "| a/final |" in out and "acc@8" in out and "iters@4" in out
+    assert "| a/final |" in out and "acc@8" in out and "iters (converged) @4" in out and "same as sequential @8" in out
     assert (tmp_path / "out" / "length_generalization.png").stat().st_size > 0
     saved = __import__("json").loads((tmp_path / "out" / "length_generalization.json").read_text())
     assert saved["results"]["b/final"]["rows"] == explicit["rows"]
@@ -336,6 +368,8 @@ def test_cli_evaluates_models(tmp_path, capsys):
         (["--lengths", "4,x"], "comma-separated integers"),
         (["--modes", "parallel"], "--modes"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--simultaneous-caps", "2L,fast"], "--simultaneous-caps '2L,fast'"),
+        (["--simultaneous-caps", "-1"], "must be positive"),
         (["--output", "x.pt"], "not both"),
     ],
 )

@@ -1,23 +1,26 @@
-"""Reproduce the paper's state-tracking result at small scale (Figure 1 right, Figure 3) on a CPU.
+"""Reproduce the paper's state-tracking result at small scale (Figure 1 right, Figure 3) on a CPU, for S5 and A5.
 
-Trains, on word problems of length <= 32 only (`synthetic:A5` by default), an implicit Mamba2, the weight-tied
-unrolled baseline (the same block applied a fixed number of times, gradient through every application) and explicit
-Mamba2s of 1 to 4 layers, then evaluates every model on fresh problems of lengths 32, 64, 128 and 256 in sequential
-and simultaneous mode (eval/state_tracking.py): per-token accuracy and solver iterations vs length, as a table
-(`results.md`), `length_generalization.json` and `length_generalization.png`.
+For each group (`--groups`, default both), trains on word problems of length <= 32 only: an implicit Mamba2 (one
+block iterated to its fixed point; one model per `--seeds` entry, the best on a validation set is kept), the
+weight-tied unrolled baseline (the same block applied a fixed number of times, gradient through every application)
+and an explicit 16-layer Mamba2. Every model is then evaluated on fresh problems of lengths 32 to 1024 in
+sequential mode (the RNN; eval/state_tracking.py), and the kept implicit model also in simultaneous mode on lengths
+up to 256 with an iteration cap of 2L and with its own cap (the duality of the modes): per-token accuracy, solver
+iterations and converged share, and the share of simultaneous predictions identical to the sequential ones, as
+tables (`results.md`), `length_generalization.json` and `length_generalization.png`.
 
-    implicit-lm experiment state-tracking --output-dir runs/state-tracking [--jobs 2] [--bundle-dir models]
+    implicit-lm experiment state-tracking --output-dir runs/state-tracking --bundle-dir models [--seeds 0,1,2]
 
-Every model trains in two stages with `implicit-lm finetune` (what mattered at this scale, see
-docs/BENCHMARKS.md): stage 1 on length 8 with a large learning rate, where the loss sits at chance for several
-hundred steps and then drops; stage 2 from stage 1's weights on length 32, with the solver allowed to converge
-(implicit) and the learning rate annealed. Stages run as subprocesses, `--jobs` at a time, each with its share of
-the cores; a stage whose `final/` folder exists is not retrained, so an interrupted run continues where it stopped.
-Each stage's log is `<model>/stage-N.log` beside its `train_log.jsonl`.
+Models train in stages with `implicit-lm finetune` (what mattered at this scale, see docs/BENCHMARKS.md): stage 1 on
+length 8 with a large learning rate, where the loss sits at chance for several hundred steps and then drops; stage 2
+from stage 1's weights on length 32, with the solver allowed to converge (implicit) and the learning rate lowered;
+and, for the implicit model, stage 3: a second, longer pass at length 32 with a lower learning rate. Stages run as subprocesses, `--jobs` at a time, each with its
+share of the cores; a stage whose `final/` folder exists is not retrained, so an interrupted run continues where it
+stopped. Each stage's log is `<group>/<model>/stage-N.log` beside its `train_log.jsonl`.
 
-`--bundle-dir DIR` copies the implicit model and the strongest explicit baseline (the 4-layer one: more parameters
-than the implicit model) into DIR as Hub-layout folders with model cards and their measured accuracy
-(`state_tracking.json`), which the package's demo and regression tests read.
+`--bundle-dir DIR` copies, per group, the kept implicit model and the explicit baseline that fits the training length
+(16 layers) into DIR as Hub-layout folders with model cards and their measured figures (`state_tracking.json`),
+which the package's demo and regression tests read.
 """
 
 from __future__ import annotations
@@ -39,13 +42,20 @@ from tqdm.auto import tqdm
 from implicit_lm.files import atomic_output, atomic_write, write_json
 from implicit_lm.models import load_model
 from implicit_lm.provenance import run_metadata
-from implicit_lm.tasks.word_problems import get_monoid, word_problem_tokenizer
+from implicit_lm.tasks.word_problems import element_names, get_monoid, word_problem_tokenizer
 
-EVAL_LENGTHS = (32, 64, 128, 256)
+GROUPS = ("A5", "S5")
 TRAIN_LENGTH = 32
+EVAL_LENGTHS = (32, 64, 128, 256, 512, 1024)
 EVAL_SEED = 1  # test sets: seeds EVAL_SEED + stride * length, never the training stream's
-# The models copied by --bundle-dir: the implicit model and its strongest explicit baseline.
-BUNDLED = ("implicit-mamba2", "mamba2-4layer")
+# Seed selection (the paper keeps the best of 10 seeds on a validation set): fresh problems of length 256 drawn
+# from their own seed, never a test set's.
+VALIDATION_SEED = 3
+VALIDATION_LENGTH = 256
+# Duality: the kept implicit model in simultaneous mode, capped at 2L iterations and at its own cap, beside
+# sequential mode; a smaller set, as a simultaneous solve costs about L iterations over all L positions.
+DUALITY_LENGTHS = (32, 64, 128, 256)
+DUALITY_CAPS = (2.0, None)
 
 
 @dataclass(frozen=True)
@@ -64,61 +74,93 @@ class Stage:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of the experiment: its name, depth, whether it runs the solver, its backward (`phantom` or
-    `unrolled`), the iteration cap at test time and its two training stages."""
+    """A model of the experiment: its name, depth, width, whether it runs the solver, its backward (`phantom` or
+    `unrolled`), the iteration cap at test time, its training stages and the seed of its initialisation and data."""
 
     name: str
     layers: int
+    hidden_size: int
     implicit: bool
     backward: str
     eval_max_iterations: int
     stages: tuple[Stage, ...]
+    seed: int = 0
 
 
-# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stage 2 with up to 32
-# iterations (relative residual 0.01) and 4 phantom steps; at test time up to 128 iterations per solve.
-IMPLICIT_STAGES = (
-    Stage(seq_len=8, steps=2000, learning_rate=3e-3, decay_start=0.9, max_iterations=8, tolerance=0.01,
-          phantom_steps=2),
-    Stage(seq_len=TRAIN_LENGTH, steps=800, learning_rate=1e-3, decay_start=0.9, max_iterations=32, tolerance=0.01,
-          phantom_steps=4),
-)
+# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stages 2 and 3 with up
+# to 32 iterations (relative residual 0.01) and 4 phantom steps; at test time up to 128 iterations per token. Stage 3
+# (a second, lower-learning-rate pass at length 32) is what carries the model far past its training length: it cuts
+# the per-token error rate about 3x (docs/BENCHMARKS.md). S5, twice A5's size, needs a longer stage 1 to leave chance.
+def implicit_stages(group: str) -> tuple[Stage, ...]:
+    return (
+        Stage(seq_len=8, steps=4000 if group == "S5" else 2000, learning_rate=3e-3, decay_start=0.9,
+              max_iterations=8, tolerance=0.01, phantom_steps=2),
+        Stage(seq_len=TRAIN_LENGTH, steps=800, learning_rate=1e-3, decay_start=0.9, max_iterations=32,
+              tolerance=0.01, phantom_steps=4),
+        Stage(seq_len=TRAIN_LENGTH, steps=1200, learning_rate=5e-4, decay_start=0.3, max_iterations=32,
+              tolerance=0.01, phantom_steps=4),
+    )
+
+
 # The unrolled baseline: the same weight-tied block applied exactly 8 times in training and at test time (an unrolled
 # backward differentiates every iteration; the config's phantom steps, >= 1, are unused).
 UNROLLED_DEPTH = 8
-UNROLLED_STAGES = tuple(
-    dataclasses.replace(stage, max_iterations=UNROLLED_DEPTH, tolerance=None, phantom_steps=1)
-    for stage in IMPLICIT_STAGES
-)
+# Explicit baselines: one deep enough to fit the training length (the paper needs 16 layers for S5 at length 32).
+EXPLICIT_DEPTHS = (16,)
+IMPLICIT = "implicit-mamba2"  # the kept seed's name in the results; each seed trains as implicit-mamba2-seed<k>
+UNROLLED = f"unrolled-mamba2-{UNROLLED_DEPTH}x"
+# The explicit baseline copied by --bundle-dir beside the implicit model: the one that fits the training length.
+BUNDLED_BASELINE = f"mamba2-{EXPLICIT_DEPTHS[-1]}layer"
+MODEL_NAMES = (IMPLICIT, UNROLLED, *(f"mamba2-{n}layer" for n in EXPLICIT_DEPTHS))
 
 
-def default_specs() -> list[ModelSpec]:
-    specs = [
-        ModelSpec("implicit-mamba2", 1, True, "phantom", 128, IMPLICIT_STAGES),
-        ModelSpec(f"unrolled-mamba2-{UNROLLED_DEPTH}x", 1, True, "unrolled", UNROLLED_DEPTH, UNROLLED_STAGES),
-    ]
-    # Explicit models ignore the solver settings of a stage.
-    specs += [ModelSpec(f"mamba2-{n}layer", n, False, "phantom", 1, IMPLICIT_STAGES) for n in (1, 2, 3, 4)]
+def default_specs(group: str, hidden_size: int, baseline_hidden_size: int, seeds: tuple[int, ...] = (0,)
+                  ) -> list[ModelSpec]:
+    """Every model of one group: an implicit model per seed, then the baselines (trained with the first seed)."""
+    stages = implicit_stages(group)
+    # The baselines train stages 1 and 2: enough to fit the training length; stage 3 is for the extrapolation only
+    # a model with a state-tracking mechanism can show, and would double their CPU time.
+    baseline_stages = stages[:2]
+    unrolled_stages = tuple(
+        dataclasses.replace(stage, max_iterations=UNROLLED_DEPTH, tolerance=None, phantom_steps=1)
+        for stage in baseline_stages
+    )
+    specs = [ModelSpec(f"{IMPLICIT}-seed{seed}", 1, hidden_size, True, "phantom", 128, stages, seed)
+             for seed in seeds]
+    specs.append(ModelSpec(UNROLLED, 1, hidden_size, True, "unrolled", UNROLLED_DEPTH, unrolled_stages, seeds[0]))
+    # Explicit models ignore the solver settings of a stage. On S5 the 16-layer stack stalls at chance with stage 1's
+    # learning rate (loss flat at 4.19 for 1300 steps, gradient norm 0.1), so it starts at a third of it.
+    explicit_stages = baseline_stages
+    if group == "S5":
+        explicit_stages = (dataclasses.replace(baseline_stages[0], learning_rate=1e-3), *baseline_stages[1:])
+    specs += [ModelSpec(f"mamba2-{n}layer", n, baseline_hidden_size, False, "phantom", 1, explicit_stages, seeds[0])
+              for n in EXPLICIT_DEPTHS]
     return specs
 
 
-def build_config(spec: ModelSpec, group_size: int, hidden_size: int) -> Any:
-    """The small Mamba2 of the experiment: hidden 64, state 16, heads of 16 channels, one group; the vocabulary is
-    the group's elements padded to a multiple of 16 (64 for A5), as Mamba pads its vocabularies."""
+def family(spec: ModelSpec) -> str:
+    """The name a model goes by in `--models` and the results: the seeds of the implicit model are one model."""
+    return IMPLICIT if spec.name.startswith(f"{IMPLICIT}-seed") else spec.name
+
+
+def build_config(spec: ModelSpec, group_size: int) -> Any:
+    """The small Mamba2 of the experiment: hidden `spec.hidden_size`, state 16, heads of 16 channels, one group; the
+    vocabulary is the group's elements padded to a multiple of 16 (64 for A5, 128 for S5), as Mamba pads its
+    vocabularies."""
     from modeling_implicit import ImplicitMamba2Config
 
     first = spec.stages[0]
     # A stage without a tolerance runs a fixed count, in training and (the unrolled baseline) at test time.
     stop = {"early_stop": False} if first.tolerance is None else {"tolerance": first.tolerance}
     return ImplicitMamba2Config(
-        vocab_size=-(-group_size // 16) * 16, hidden_size=hidden_size, num_hidden_layers=spec.layers, state_size=16,
-        head_dim=16, n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
+        vocab_size=-(-group_size // 16) * 16, hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
+        state_size=16, head_dim=16, n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
         max_iterations=first.max_iterations, phantom_steps=first.phantom_steps,
         eval_max_iterations=spec.eval_max_iterations, **stop,
     )
 
 
-def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batch_size: int, seed: int
+def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batch_size: int
                   ) -> tuple[list[str], Path]:
     """The finetune command of stage `index` of `spec` and the folder it trains into."""
     stage = spec.stages[index]
@@ -138,31 +180,106 @@ def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batc
         "--min-lr", "1e-5", "--warmup-steps", str(min(20, int(stage.steps * stage.decay_start))),
         "--weight-decay", "0", "--max-grad-norm", "1.0",
         "--curriculum", str(curriculum_path), "--eval-every", str(max(stage.steps // 4, 1)), "--eval-batches", "2",
-        "--seed", str(seed), "--output-dir", str(output),
+        "--seed", str(spec.seed), "--output-dir", str(output),
     )
     return command, output
 
 
-def train_model(spec: ModelSpec, run_dir: Path, group: str, hidden_size: int, batch_size: int, seed: int,
-                threads: int) -> dict[str, Any]:
-    """Both stages of one model (skipping finished ones); returns the seconds each stage took when it ran."""
-    model_dir = run_dir / spec.name
+def train_model(spec: ModelSpec, group_dir: Path, group: str, batch_size: int, threads: int) -> dict[str, Any]:
+    """Every stage of one model (skipping finished ones); returns the seconds each stage took when it ran."""
+    model_dir = group_dir / spec.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    build_config(spec, get_monoid(group).size, hidden_size).save_pretrained(model_dir / "config")
+    build_config(spec, get_monoid(group).size).save_pretrained(model_dir / "config")
     seconds = []
     for index in range(len(spec.stages)):
-        command, output = stage_command(spec, index, model_dir, group, batch_size, seed)
+        command, output = stage_command(spec, index, model_dir, group, batch_size)
         seconds.append(run_logged(command, model_dir / f"stage-{index + 1}.log", threads,
                                   done=output / "final" / "config.json"))
-    return {"name": spec.name, "stage_seconds": seconds}
+    return {"group": group, "name": spec.name, "stage_seconds": seconds}
 
 
-def final_folder(run_dir: Path, spec: ModelSpec) -> Path:
-    return run_dir / spec.name / f"stage-{len(spec.stages)}" / "final"
+def final_folder(group_dir: Path, spec: ModelSpec) -> Path:
+    return group_dir / spec.name / f"stage-{len(spec.stages)}" / "final"
+
+
+def sequential_rows(model: Any, group: str, lengths: tuple[int, ...], num_samples: int, seed: int
+                    ) -> list[dict[str, Any]]:
+    with all_threads():
+        return length_generalization(model, group, list(lengths), num_samples, seed=seed, modes=("sequential",),
+                                     batch_size=num_samples)
+
+
+def evaluate_group(group: str, group_dir: Path, specs: list[ModelSpec], timings: dict[str, Any],
+                   num_samples: int, duality_samples: int) -> dict[str, Any]:
+    """Test every model of `group` in sequential mode; keep the implicit seed that is best on the validation set
+    (with the mean and spread of every seed's test accuracy) and measure its duality of the modes."""
+    results: dict[str, dict[str, Any]] = {}
+    seeds: dict[str, dict[str, Any]] = {}
+    kept: tuple[float, ModelSpec, Any] | None = None
+    for spec in tqdm(specs, desc=f"evaluating {group}", unit="model"):
+        model, _ = load_model(str(final_folder(group_dir, spec)))
+        entry = {"path": str(final_folder(group_dir, spec)), "implicit": spec.implicit, "layers": spec.layers,
+                 "hidden_size": spec.hidden_size, "seed": spec.seed,
+                 "parameters": sum(p.numel() for p in model.parameters()),
+                 "rows": sequential_rows(model, group, EVAL_LENGTHS, num_samples, EVAL_SEED),
+                 "stage_seconds": timings.get(spec.name)}
+        if family(spec) != IMPLICIT:
+            results[spec.name] = entry
+            continue
+        (validation,) = sequential_rows(model, group, (VALIDATION_LENGTH,), num_samples, VALIDATION_SEED)
+        entry["validation_accuracy"] = validation["accuracy"]
+        seeds[spec.name] = entry
+        if kept is None or validation["accuracy"] > kept[0]:
+            kept = (validation["accuracy"], spec, model)
+    summary = None
+    if kept is not None:
+        _, spec, model = kept
+        entry = dict(seeds[spec.name])
+        with all_threads():
+            duality = length_generalization(model, group, [n for n in DUALITY_LENGTHS if n in EVAL_LENGTHS],
+                                            duality_samples, seed=EVAL_SEED, simultaneous_caps=DUALITY_CAPS,
+                                            batch_size=duality_samples)
+        # The simultaneous rows (each with its agreement with the sequential predictions on the same problems).
+        entry["rows"] = entry["rows"] + [row for row in duality if row["mode"] == "simultaneous"]
+        results = {IMPLICIT: entry, **results}
+        summary = seed_summary(seeds, spec.name)
+    return {"results": results, "seeds": summary}
+
+
+def seed_summary(seeds: dict[str, dict[str, Any]], kept: str) -> dict[str, Any]:
+    """Mean, spread (population standard deviation) and range over the seeds of the sequential accuracy per length,
+    each seed's validation accuracy, and the one kept."""
+    per_length: dict[int, list[float]] = {}
+    for entry in seeds.values():
+        for row in entry["rows"]:
+            per_length.setdefault(row["length"], []).append(row["accuracy"])
+    stats = {}
+    for length, values in per_length.items():
+        mean = sum(values) / len(values)
+        stats[length] = {"mean": mean, "std": (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5,
+                         "min": min(values), "max": max(values)}
+    return {"kept": kept, "validation_length": VALIDATION_LENGTH,
+            "validation_accuracy": {name: entry["validation_accuracy"] for name, entry in seeds.items()},
+            "test_accuracy": {name: {row["length"]: row["accuracy"] for row in entry["rows"]}
+                              for name, entry in seeds.items()},
+            "per_length": stats}
+
+
+def format_seed_summary(summary: dict[str, Any]) -> str:
+    lengths = sorted(summary["per_length"])
+    lines = ["| seed | validation acc@256 | " + " | ".join(f"acc@{n}" for n in lengths) + " |",
+             "|" + "---|" * (2 + len(lengths))]
+    for name, validation in summary["validation_accuracy"].items():
+        mark = " (kept)" if name == summary["kept"] else ""
+        lines.append(f"| {name}{mark} | {validation:.3f} | " + " | ".join(
+            f"{summary['test_accuracy'][name][n]:.3f}" for n in lengths) + " |")
+    lines.append("| mean +- std | | " + " | ".join(
+        f"{summary['per_length'][n]['mean']:.3f} +- {summary['per_length'][n]['std']:.3f}" for n in lengths) + " |")
+    return "\n".join(lines)
 
 
 def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, Any], folder_name: str, group: str,
-                 num_samples: int) -> None:
+                 num_samples: int, seeds: dict[str, Any] | None) -> None:
     """Fill `staging` with the trained model of `spec`, its tokenizer, card and measured figures."""
     from implicit_lm.model_cards import render_demo_model_card
 
@@ -172,29 +289,33 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
     word_problem_tokenizer(group).save_pretrained(staging)  # token ids = element indices, for pipelines
     # An implicit bundle's generate() reads prompts as the RNN (`prefill_mode`), as the figures measure.
     config = ImplicitMamba2Config.from_pretrained(staging, **({"prefill_mode": "sequential"} if spec.implicit else {}))
+    minutes = sum(entry["stage_seconds"] or ()) / 60 if all(entry["stage_seconds"] or (None,)) else None
+    trained = (f"{minutes:.0f} minutes of wall-clock time in one thread per job (`stage_seconds`; the run trained "
+               "several jobs side by side on a 2-core CPU)" if minutes is not None else "not recorded")
     if spec.implicit:
         config.save_pretrained(staging)
         summary = (
             f"A one-block **implicit Mamba2** ({entry['parameters']:,} parameters) that learned the {group} word "
-            f"problem from sequences of length <= {TRAIN_LENGTH} only, and tracks the state of sequences several "
-            "times longer (Results). In sequential mode it is an RNN whose state transition is the fixed point of "
-            "the block: the reproduction, at small scale, of Figure 1 (right) of *Implicit Language Models are "
-            "RNNs*."
+            f"problem from sequences of length <= {TRAIN_LENGTH} only, and tracks the state of sequences 32 times "
+            "longer (Results). In sequential mode it is an RNN whose state transition is the fixed point of the "
+            "block: the reproduction, at small scale, of Figure 1 (right) of *Implicit Language Models are RNNs*."
         )
     else:
         summary = (
-            f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 with "
-            f"more parameters ({entry['parameters']:,}), the same data, schedule and number of optimizer steps, "
-            "and no solver. It does not learn the word problem: a constant-depth model with linear recurrences "
-            f"cannot track the state of a non-solvable group such as {group} (section 2 of the paper)."
+            f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 "
+            f"({entry['parameters']:,} parameters), the same data, schedule and number of optimizer steps, and no "
+            f"solver. Deep enough to fit its training length (length {TRAIN_LENGTH}, as the paper's 16-layer Mamba2 "
+            "does for S5), it does not extrapolate: a constant-depth model with linear recurrences cannot track the "
+            f"state of a non-solvable group such as {group} on longer inputs (section 2 of the paper)."
         )
     task = (
         f"The input is a sequence of {group} elements (token id = element index in lexicographic order of the "
         "permutations, identity = 0) and the label at position t is the running product x_0 * x_1 * ... * x_t "
-        f"(`implicit_lm/tasks/word_problems.py`). Training: word problems of length 8, then of length {TRAIN_LENGTH}, drawn "
-        "fresh every step; the two stages and their solver settings are in `training/state_tracking_experiment"
-        ".py`."
+        f"(`implicit_lm/tasks/word_problems.py`). Training: word problems of length 8, then of length "
+        f"{TRAIN_LENGTH}, drawn fresh every step (seed {spec.seed}); the three stages and their solver settings are "
+        f"in `training/state_tracking_experiment.py`. Training took {trained}."
     )
+    prompt = " ".join(element_names(group)[1:5])
     usage = (
         "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, pipeline\n"
         "from implicit_lm.tasks import word_problem   # from the implicit-lm package\n\n"
@@ -209,41 +330,57 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
         "# The tokenizer's words are the elements in one-line notation (01234 is the identity): the first word\n"
         "# generated after a sequence of permutations is their product.\n"
         f'generator = pipeline("text-generation", model="models/{folder_name}", trust_remote_code=True)\n'
-        'print(generator("01342 10324 12034 34012", max_new_tokens=1, return_full_text=False))\n```'
+        f'print(generator("{prompt}", max_new_tokens=1, return_full_text=False))\n```'
     )
     figures = (
-        f"Per-token accuracy (and mean solver iterations) on {num_samples} fresh word problems per length, "
-        f"measured {time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} "
-        f"(`state_tracking.json`; the package's tests check the model still reaches them):\n\n"
-        + format_table({folder_name: entry})
+        f"Per-token accuracy on {num_samples} fresh word problems per length (sequential mode), measured "
+        f"{time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} (`state_tracking.json`; "
+        "the package's tests check the model still reaches them)"
+        + (", with the solver iterations per token and, on a smaller set, simultaneous mode (its iteration cap 2L "
+           "and the model's own) and the share of its predictions identical to sequential mode's" if spec.implicit
+           else "") + ":\n\n" + format_table({folder_name: entry})
     )
+    if seeds is not None and len(seeds["validation_accuracy"]) > 1:
+        figures += (f"\n\nThis model is the seed best on a validation set (length {VALIDATION_LENGTH}) of "
+                    f"{len(seeds['validation_accuracy'])} trained the same way:\n\n" + format_seed_summary(seeds))
     card = render_demo_model_card(
         config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
-        command="implicit-lm experiment state-tracking --output-dir runs/state-tracking "
-                "--bundle-dir models",
+        command="implicit-lm experiment state-tracking --output-dir runs/state-tracking --bundle-dir models",
         tags=("state-tracking", "word-problem"),
     )
     (staging / "README.md").write_text(card)
     write_json(staging / "state_tracking.json", {
         "group": group, "train_length": TRAIN_LENGTH, "num_samples": num_samples, "seed": EVAL_SEED,
-        "parameters": entry["parameters"], "implicit": entry["implicit"], "rows": entry["rows"],
+        "train_seed": spec.seed, "stage_seconds": entry["stage_seconds"], "parameters": entry["parameters"],
+        "implicit": entry["implicit"], "rows": entry["rows"], "seeds": seeds,
     })
 
 
-def bundle(run_dir: Path, bundle_dir: Path, specs: list[ModelSpec], results: dict[str, Any], group: str,
+def bundle(run_dir: Path, bundle_dir: Path, specs: dict[str, list[ModelSpec]], evaluations: dict[str, Any],
            num_samples: int) -> list[Path]:
-    """Copy the implicit model and the 4-layer explicit baseline into `bundle_dir` with model cards and their
-    measured figures (`state_tracking.json`, which the regression tests and the demo read)."""
+    """Per group, copy the kept implicit model and the 16-layer explicit baseline into `bundle_dir` with model cards
+    and their measured figures (`state_tracking.json`, which the regression tests and the demo read)."""
     written = []
-    for spec in specs:
-        if spec.name not in BUNDLED:
-            continue
-        folder_name = f"{spec.name}-{group.lower()}"
-        entry = results[spec.name]
-        with atomic_output(bundle_dir / folder_name, folder=True) as staging:
-            write_bundle(staging, final_folder(run_dir, spec), spec, entry, folder_name, group, num_samples)
-        written.append(bundle_dir / folder_name)
+    for group, group_specs in specs.items():
+        evaluation = evaluations[group]
+        by_name = {spec.name: spec for spec in group_specs}
+        for name in (IMPLICIT, BUNDLED_BASELINE):
+            folder_name = f"{name}-{group.lower()}"
+            entry = evaluation["results"][name]
+            spec = by_name[evaluation["seeds"]["kept"]] if name == IMPLICIT else by_name[name]
+            with atomic_output(bundle_dir / folder_name, folder=True) as staging:
+                write_bundle(staging, final_folder(run_dir / group.lower(), spec), spec, entry, folder_name, group,
+                             num_samples, evaluation["seeds"] if name == IMPLICIT else None)
+            written.append(bundle_dir / folder_name)
     return written
+
+
+def parse_list(parser: argparse.ArgumentParser, text: str, option: str, choices: tuple[str, ...]) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [item for item in items if item not in choices]
+    if not items or unknown:
+        parser.error(f"{option}: unknown {unknown}; choose from {list(choices)}")
+    return items
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -252,27 +389,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, required=True, help="run folder (models, logs, results)")
-    parser.add_argument("--group", choices=("A5", "S5"), default="A5", help="the word problem (default A5)")
-    parser.add_argument("--models", help="comma-separated subset of the model names (default: all)")
-    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--groups", default=",".join(GROUPS), help="word problems, comma-separated (default A5,S5)")
+    parser.add_argument("--models", help=f"comma-separated subset of {', '.join(MODEL_NAMES)} (default: all)")
+    parser.add_argument("--seeds", default="0",
+                        help="seeds of the implicit model, comma-separated; the best on the validation set is kept "
+                             "(default 0; the baselines train with the first)")
+    parser.add_argument("--hidden-size", type=int, default=128, help="of the implicit and unrolled models (128)")
+    parser.add_argument("--baseline-hidden-size", type=int, default=64, help="of the explicit baselines (64)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="models trained at once (default 2)")
     parser.add_argument("--num-samples", type=int, default=256, help="test sequences per length (default 256)")
+    parser.add_argument("--duality-samples", type=int, default=32,
+                        help="sequences per length of the simultaneous-mode (duality) evaluation (default 32)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiplies every stage's optimizer steps (default 1; small values for smoke runs)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bundle-dir", type=Path, help="copy the implicit and explicit models here (e.g. models)")
     args = parser.parse_args(argv)
-    for name in ("hidden_size", "batch_size", "jobs", "num_samples", "steps_scale"):
+    for name in ("hidden_size", "baseline_hidden_size", "batch_size", "jobs", "num_samples", "duality_samples",
+                 "steps_scale"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    specs = {spec.name: spec for spec in default_specs()}
-    if args.models is not None:
-        unknown = [name for name in args.models.split(",") if name not in specs]
-        if unknown:
-            parser.error(f"--models: unknown {unknown}; choose from {list(specs)}")
-    if args.bundle_dir is not None and args.models is not None:
-        missing = set(BUNDLED) - set(args.models.split(","))
+    args.groups = parse_list(parser, args.groups, "--groups", GROUPS)
+    args.models = parse_list(parser, args.models, "--models", MODEL_NAMES) if args.models else list(MODEL_NAMES)
+    try:
+        args.seeds = tuple(dict.fromkeys(int(part) for part in args.seeds.split(",")))
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.bundle_dir is not None:
+        missing = {IMPLICIT, BUNDLED_BASELINE} - set(args.models)
         if missing:
             parser.error(f"--bundle-dir needs the models {sorted(missing)} in --models")
     return args
@@ -281,53 +425,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    specs = default_specs()
-    if args.models is not None:
-        specs = [spec for spec in specs if spec.name in args.models.split(",")]
-    if args.steps_scale != 1.0:
-        specs = [dataclasses.replace(spec, stages=tuple(
-            dataclasses.replace(stage, steps=max(1, round(stage.steps * args.steps_scale))) for stage in spec.stages
-        )) for spec in specs]
+    specs: dict[str, list[ModelSpec]] = {}
+    for group in args.groups:
+        group_specs = [spec for spec in default_specs(group, args.hidden_size, args.baseline_hidden_size, args.seeds)
+                       if family(spec) in args.models]
+        if args.steps_scale != 1.0:
+            group_specs = [dataclasses.replace(spec, stages=tuple(
+                dataclasses.replace(stage, steps=max(1, round(stage.steps * args.steps_scale)))
+                for stage in spec.stages)) for spec in group_specs]
+        specs[group] = group_specs
     args.output_dir.mkdir(parents=True, exist_ok=True)
     threads = threads_per_job(args.jobs)
     start = time.perf_counter()
     # The implicit models first: they take longest, so the parallel jobs finish together.
-    order = sorted(specs, key=lambda spec: (not spec.implicit, -spec.layers))
+    jobs = sorted(((group, spec) for group, group_specs in specs.items() for spec in group_specs),
+                  key=lambda job: (not job[1].implicit, -job[1].layers))
     trained = run_parallel(
-        lambda spec: train_model(spec, args.output_dir, args.group, args.hidden_size, args.batch_size, args.seed,
-                                 threads),
-        order, args.jobs, desc="models")
-    timings = {timing["name"]: timing["stage_seconds"] for timing in trained}
+        lambda job: train_model(job[1], args.output_dir / job[0].lower(), job[0], args.batch_size, threads),
+        jobs, args.jobs, desc="models")
+    timings = {(timing["group"], timing["name"]): timing["stage_seconds"] for timing in trained}
     train_seconds = time.perf_counter() - start
 
-    results = {}
-    for spec in tqdm(specs, desc="evaluating", unit="model"):
-        model, _ = load_model(str(final_folder(args.output_dir, spec)))
-        with all_threads():
-            rows = length_generalization(model, args.group, list(EVAL_LENGTHS), args.num_samples, seed=EVAL_SEED)
-        results[spec.name] = {"path": str(final_folder(args.output_dir, spec)), "implicit": spec.implicit,
-                              "parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
-                              "stage_seconds": timings.get(spec.name)}
+    evaluations = {}
+    for group, group_specs in specs.items():
+        group_timings = {name: seconds for (g, name), seconds in timings.items() if g == group}
+        evaluations[group] = evaluate_group(group, args.output_dir / group.lower(), group_specs, group_timings,
+                                            args.num_samples, args.duality_samples)
     total_seconds = time.perf_counter() - start
     payload = {
-        "group": args.group, "train_length": TRAIN_LENGTH, "num_samples": args.num_samples,
-        "train_seconds": train_seconds, "total_seconds": total_seconds, "results": results,
-        "specs": {spec.name: dataclasses.asdict(spec) for spec in specs}, "metadata": run_metadata(args),
+        "groups": args.groups, "train_length": TRAIN_LENGTH, "num_samples": args.num_samples,
+        "duality_samples": args.duality_samples, "eval_seed": EVAL_SEED, "validation_seed": VALIDATION_SEED,
+        "train_seconds": train_seconds, "total_seconds": total_seconds, "evaluations": evaluations,
+        "specs": {group: {spec.name: dataclasses.asdict(spec) for spec in group_specs}
+                  for group, group_specs in specs.items()},
+        "metadata": run_metadata(args),
     }
     write_json(args.output_dir / "length_generalization.json", payload)
-    plot_length_generalization(results, args.output_dir / "length_generalization.png", TRAIN_LENGTH)
-    table = format_table(results)
-    stage_minutes = ", ".join(
-        f"{name} " + " + ".join("?" if s is None else f"{s / 60:.1f}" for s in entry["stage_seconds"])
-        for name, entry in results.items())
-    summary = (f"{args.group}, trained on length <= {TRAIN_LENGTH}; {args.num_samples} test sequences per length. "
-               f"This invocation: {train_seconds / 60:.1f} min training, {total_seconds / 60:.1f} min in all "
-               f"({args.jobs} jobs, {threads} threads each). Minutes per stage when trained: {stage_minutes}.\n\n"
-               f"{table}\n")
+    plot_length_generalization({group: evaluation["results"] for group, evaluation in evaluations.items()},
+                               args.output_dir / "length_generalization.png", TRAIN_LENGTH)
+    overview = (f"Trained on length <= {TRAIN_LENGTH}; {args.num_samples} test sequences per length in sequential "
+                f"mode, {args.duality_samples} in simultaneous mode. This invocation: {train_seconds / 60:.1f} min "
+                f"training, {total_seconds / 60:.1f} min in all ({args.jobs} jobs, {threads} threads each).")
+    sections = [overview]
+    for group, evaluation in evaluations.items():
+        stage_minutes = ", ".join(
+            f"{name} " + " + ".join("?" if s is None else f"{s / 60:.1f}" for s in entry["stage_seconds"] or ())
+            for name, entry in evaluation["results"].items())
+        sections.append(f"## {group}\n\nMinutes per stage when trained: {stage_minutes}.\n\n"
+                        + format_table(evaluation["results"]))
+        if evaluation["seeds"] is not None:
+            sections.append(f"Seeds of {IMPLICIT} ({group}):\n\n" + format_seed_summary(evaluation["seeds"]))
+    summary = "\n\n".join(sections) + "\n"
     atomic_write(args.output_dir / "results.md", lambda temporary: temporary.write_text(summary))
     print(summary)
     if args.bundle_dir is not None:
-        for folder in bundle(args.output_dir, args.bundle_dir, specs, results, args.group, args.num_samples):
+        for folder in bundle(args.output_dir, args.bundle_dir, specs, evaluations, args.num_samples):
             print(f"bundled {folder}")
     return payload
 

@@ -1,0 +1,176 @@
+"""CUDA-graph decoding: the solver iterations of a single-token sequential step, captured once and replayed.
+
+A decode step of an implicit model is many small evaluations of the layer stack; on a GPU at small batch their
+kernel launches and the host synchronisation of each convergence test cost more than the arithmetic. Here a chunk of
+`convergence_check_interval` iterations (stack evaluation plus solver bookkeeping) is captured in a CUDA graph over
+static buffers: each token copies its inputs (injection, padding mask, committed states, start) into them, replays
+the chunk until no sample is active, and tests convergence on the host once per chunk. Samples that converge inside a
+chunk are frozen on the device exactly as in eager mode, so outputs are those of the eager solver.
+
+A graph is captured the second consecutive time a key (shapes, dtypes, settings) is seen: a shape that repeats every
+token (Mamba2's fixed-size states) gets one, while a shape that changes every token (Llama's growing key/value cache)
+or a new batch size runs eagerly. Without CUDA the same static-buffer path runs uncaptured (how the tests check it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import astuple, fields, replace
+from typing import Any
+
+import torch
+
+from .solver import FixedPointResult, SolverSettings, SolveState, run_in_chunks, solver_iteration
+
+# Graphs kept per model; each holds its static buffers (a few copies of the committed states).
+_CAPACITY = 2
+
+
+def _static_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_static_copy(v) for v in value)
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    if isinstance(static, torch.Tensor):
+        static.copy_(value)
+    elif isinstance(static, tuple):
+        for s, v in zip(static, value):
+            _copy_into(s, v)
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, tuple):
+        return tuple(_signature(v) for v in value)
+    return value
+
+
+class _TokenGraph:
+    """Static buffers and (on CUDA) the captured chunk of one key."""
+
+    def __init__(
+        self,
+        make_fn: Callable[[torch.Tensor | None, Any, Any], Callable],
+        injection: torch.Tensor | None,
+        stack_inputs: Any,
+        states: tuple[torch.Tensor, ...] | None,
+        start: torch.Tensor,
+        settings: SolverSettings,
+        capture: bool,
+    ):
+        self.settings = settings
+        self.injection = _static_copy(injection)
+        self.stack_inputs = replace(
+            stack_inputs, **{f.name: _static_copy(getattr(stack_inputs, f.name)) for f in fields(stack_inputs)}
+        )
+        self.states = _static_copy(states)
+        self.fn = make_fn(self.injection, self.stack_inputs, self.states)
+        # One eager iteration gives the static solver state its shapes (out, aux); each token resets it.
+        self.state = solver_iteration(self.fn, SolveState.start(start.clone()), settings)
+        self.state = replace(
+            self.state, **{f.name: _static_copy(getattr(self.state, f.name)) for f in fields(self.state)}
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self._capture()
+
+    def _chunk(self, iterations: int) -> None:
+        state = self.state
+        for _ in range(iterations):
+            state = solver_iteration(self.fn, state, self.settings)
+        for f in fields(state):
+            _copy_into(getattr(self.state, f.name), getattr(state, f.name))
+
+    def _capture(self) -> None:
+        interval = self.settings.convergence_check_interval
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture (lazy library initialisation)
+            for _ in range(2):
+                self._chunk(interval)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._chunk(interval)
+
+    def solve(
+        self, injection: torch.Tensor | None, stack_inputs: Any, states: tuple[torch.Tensor, ...] | None,
+        start: torch.Tensor,
+    ) -> FixedPointResult:
+        _copy_into(self.injection, injection)
+        for f in fields(stack_inputs):
+            _copy_into(getattr(self.stack_inputs, f.name), getattr(stack_inputs, f.name))
+        _copy_into(self.states, states)
+        state = self.state
+        state.z.copy_(start)
+        state.active.fill_(True)
+        state.iterations.zero_()
+        state.residual.fill_(float("inf"))
+        state.converged.zero_()
+        state.diverged_at.zero_()
+        state.step.zero_()
+
+        def run_chunk(iterations: int, all_active: bool) -> SolveState:
+            if self.graph is not None and iterations == self.settings.convergence_check_interval:
+                self.graph.replay()
+            else:  # no CUDA, or the remainder below the interval before the cap
+                self._chunk(iterations)
+            return state
+
+        run_in_chunks(self.settings, run_chunk)
+        # The static buffers are overwritten by the next token: hand out copies.
+        return FixedPointResult(
+            state.out.clone(), _static_copy(state.aux), replace(state.stats(), **{
+                name: getattr(state, name).clone() for name in ("iterations", "residual", "converged")
+            })
+        )
+
+
+class DecodeGraphs:
+    """The token graphs of one model, by key; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.graphs: OrderedDict[Any, _TokenGraph] = OrderedDict()
+        self.last_key: Any = None
+
+    def solve(
+        self,
+        make_fn: Callable[[torch.Tensor | None, Any, Any], Callable],
+        injection: torch.Tensor | None,
+        stack_inputs: Any,
+        states: tuple[torch.Tensor, ...] | None,
+        start: torch.Tensor,
+        settings: SolverSettings,
+        capture: bool,
+        weights: tuple[int, ...] = (),
+    ) -> FixedPointResult | None:
+        """Solve one token with a graph of this key, capturing it when the key repeats; None: solve it eagerly.
+        `weights` (the parameters' addresses) is part of the key: a graph reads the weights it was captured with."""
+        key = (
+            weights,
+            _signature(injection),
+            tuple((f.name, _signature(getattr(stack_inputs, f.name))) for f in fields(stack_inputs)),
+            _signature(states),
+            _signature(start),
+            astuple(settings),
+            capture,
+        )
+        graph = self.graphs.get(key)
+        if graph is None:
+            repeated = key == self.last_key
+            self.last_key = key
+            if not repeated:
+                return None
+            graph = _TokenGraph(make_fn, injection, stack_inputs, states, start, settings, capture)
+            self.graphs[key] = graph
+            if len(self.graphs) > _CAPACITY:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        self.last_key = key
+        return graph.solve(injection, stack_inputs, states, start)
