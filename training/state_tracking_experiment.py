@@ -89,8 +89,8 @@ class ModelSpec:
 
 # The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stages 2 and 3 with up
 # to 32 iterations (relative residual 0.01) and 4 phantom steps; at test time up to 128 iterations per token. Stage 3
-# (a second, lower-learning-rate pass at length 32) is what carries the model far past its training length: it cuts
-# the per-token error rate about 3x (docs/BENCHMARKS.md). S5, twice A5's size, needs a longer stage 1 to leave chance.
+# (a second, lower-learning-rate pass at length 32) cut the error rate far past the training length about 3x at
+# hidden 64, less measurably at 128 (docs/BENCHMARKS.md). S5, twice A5's size, needs a longer stage 1 to leave chance.
 def implicit_stages(group: str) -> tuple[Stage, ...]:
     return (
         Stage(seq_len=8, steps=4000 if group == "S5" else 2000, learning_rate=3e-3, decay_start=0.9,
