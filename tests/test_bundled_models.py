@@ -189,6 +189,7 @@ def test_demo_runs_on_the_bundled_models(tmp_path, capsys):
     expected non-convergence goes into the table, never into warnings."""
     import warnings
 
+    pytest.importorskip("matplotlib")  # the eval extra: the floor leg tests the model contract without it
     from implicit_lm.demo.__main__ import main
 
     with warnings.catch_warnings():
