@@ -1,11 +1,11 @@
 """Main job: the trained models bundled under `models/`, end to end through transformers, offline.
 
 1. State tracking (the paper's Figure 1 right, at small scale), for S5 and A5: an implicit Mamba2 and a 16-layer
-   explicit Mamba2 that fits its training length, both trained on word problems of length <= 32 only, answer fresh
-   problems of lengths 32 to 256 in sequential mode; the implicit one also in simultaneous mode with an iteration
-   cap of 2L (it reaches the sequential predictions: the duality of the modes) and with its own cap. Per-token
-   accuracy, solver iterations (with the share of solves that converged) and agreement vs length, as tables and a
-   PNG; then every model through `pipeline("text-generation")`, asked for the product of 200 permutations.
+   explicit Mamba2 (the depth the paper needs to fit length 32 on S5), both trained on word problems of length <= 32
+   only, answer fresh problems of lengths 32 to 256 in sequential mode; the implicit one also in simultaneous mode with
+   an iteration cap of 2L (it reaches the sequential predictions: the duality of the modes) and with its own cap.
+   Per-token accuracy, solver iterations (with the share of solves that converged) and agreement vs length, as tables
+   and a PNG; then every model through `pipeline("text-generation")`, asked for the product of 200 permutations.
 2. The tiny implicit story LM answers "where is ...?" questions about freshly generated stories through
    `pipeline("text-generation")`, with the solver iterations it spent on each answer.
 
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from implicit_lm.eval.state_tracking import (
     NOT_CONVERGED_MESSAGE,
+    duality_rows,
     format_table,
     length_generalization,
     plot_length_generalization,
@@ -40,7 +41,7 @@ from implicit_lm.tasks.word_problems import element_names, word_problem
 # The source checkout (an editable install): its models/ are the bundled models, outputs/ the default output folder.
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("S5", "A5")
-# Bundled per group as `<base>-<group>`: the implicit model and the explicit baseline that fits the training length.
+# Bundled per group as `<base>-<group>`: the implicit model and the 16-layer explicit baseline.
 STATE_TRACKING_BASES = ("implicit-mamba2", "mamba2-16layer")
 STORY_MODEL = "implicit-mamba2-stories"
 # Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
@@ -69,10 +70,7 @@ def evaluate_group(args: argparse.Namespace, group: str) -> dict[str, Any]:
         rows = length_generalization(model, group, args.lengths, args.num_samples, seed=DEMO_SEED,
                                      modes=("sequential",), batch_size=args.num_samples)
         if recorded["implicit"] and args.duality_lengths:
-            duality = length_generalization(model, group, args.duality_lengths, args.duality_samples,
-                                            seed=DEMO_SEED, simultaneous_caps=(2.0, None),
-                                            batch_size=args.duality_samples)
-            rows += [row for row in duality if row["mode"] == "simultaneous"]
+            rows += duality_rows(model, group, args.duality_lengths, args.duality_samples, seed=DEMO_SEED)
         results[name] = {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
                          "implicit": recorded["implicit"], "seconds": time.perf_counter() - start}
         print(f"{name}: {type(model).__name__} loaded with AutoModelForCausalLM(trust_remote_code=True), "

@@ -96,11 +96,12 @@ def length_generalization(
 
     Simultaneous mode is solved once per entry of `simultaneous_caps`: a number c caps the solve at c * length
     iterations, or the model's `eval_max_iterations` where that is more (information crosses about one position per
-    iteration, so a cap below the length cannot reach the sequential fixed point); None keeps the model's cap. Its rows carry `iteration_cap`,
-    `cap_per_token` and, when sequential mode is evaluated too, `agreement`: the share of predictions identical to
-    the sequential mode's (the duality of the two modes). `simultaneous_max_length` skips simultaneous mode on
-    longer inputs (its cost grows with the square of the length). An explicit model (no solver) is evaluated once
-    per length, in rows of mode `explicit`. `progress` shows a bar over the forward calls (None: on a terminal).
+    iteration, so a cap below the length cannot reach the sequential fixed point); None keeps the model's cap. Its rows
+    carry `iteration_cap`, `cap_per_token` and, when sequential mode is evaluated too, `agreement`: the share of
+    predictions identical to the sequential mode's (the duality of the two modes). `simultaneous_max_length` skips
+    simultaneous mode on longer inputs (its cost grows with the square of the length). An explicit model (no solver) is
+    evaluated once per length, in rows of mode `explicit`. `progress` shows a bar over the forward calls (None: on a
+    terminal).
     """
     size = get_monoid(group).size
     if size > model.config.vocab_size:
@@ -109,7 +110,8 @@ def length_generalization(
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}: choose from {MODES}")
     if any(cap is not None and cap <= 0 for cap in simultaneous_caps):
-        raise ValueError(f"simultaneous_caps must be positive multiples of the length (or None), got {simultaneous_caps}")
+        raise ValueError(
+            f"simultaneous_caps must be positive multiples of the length (or None), got {simultaneous_caps}")
     implicit = is_implicit(model)
     solves: list[tuple[int, str, float | None]] = []  # (length, mode, cap per token)
     for length in lengths:
@@ -127,8 +129,11 @@ def length_generalization(
                disable=not progress if progress is not None else None)
     rows = []
     predictions: dict[tuple[int, str], torch.Tensor] = {}
+    problems: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for length, mode, cap in solves:
-        tokens, labels = sample(group, num_samples, length, seed + LENGTH_SEED_STRIDE * length, p)
+        if length not in problems:  # one test set per length, shared by its modes and caps
+            problems[length] = sample(group, num_samples, length, seed + LENGTH_SEED_STRIDE * length, p)
+        tokens, labels = problems[length]
         overrides: dict[str, Any] = {}
         if mode != "explicit":
             overrides["inference_mode"] = mode
@@ -173,6 +178,15 @@ def length_generalization(
         rows.append(row)
     bar.close()
     return rows
+
+
+def duality_rows(model: torch.nn.Module, group: str, lengths: list[int], num_samples: int, seed: int = 0,
+                 caps: tuple[float | None, ...] = (2.0, None)) -> list[dict[str, Any]]:
+    """The duality of the modes on one test set per length: the simultaneous rows of `length_generalization`, one
+    per cap, each with its `agreement` with the sequential predictions on the same problems (in one batch)."""
+    rows = length_generalization(model, group, lengths, num_samples, seed=seed, simultaneous_caps=caps,
+                                 batch_size=num_samples)
+    return [row for row in rows if row["mode"] == "simultaneous"]
 
 
 def _by_label(entry: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -269,7 +283,8 @@ def parse_caps(text: str) -> tuple[float | None, ...]:
         try:
             cap = None if part == "config" else float(part.removesuffix("L"))
         except ValueError as error:
-            raise InputError(f"--simultaneous-caps {text!r}: give multiples of the length (2 or 2L) or config") from error
+            raise InputError(
+                f"--simultaneous-caps {text!r}: give multiples of the length (2 or 2L) or config") from error
         if cap is not None and cap <= 0:
             raise InputError(f"--simultaneous-caps {text!r}: multiples of the length must be positive")
         caps.append(cap)

@@ -13,14 +13,15 @@ tables (`results.md`), `length_generalization.json` and `length_generalization.p
 
 Models train in stages with `implicit-lm finetune` (what mattered at this scale, see docs/BENCHMARKS.md): stage 1 on
 length 8 with a large learning rate, where the loss sits at chance for several hundred steps and then drops; stage 2
-from stage 1's weights on length 32, with the solver allowed to converge (implicit) and the learning rate lowered;
-and, for the implicit model, stage 3: a second, longer pass at length 32 with a lower learning rate. Stages run as subprocesses, `--jobs` at a time, each with its
-share of the cores; a stage whose `final/` folder exists is not retrained, so an interrupted run continues where it
-stopped. Each stage's log is `<group>/<model>/stage-N.log` beside its `train_log.jsonl`.
+from stage 1's weights on length 32, with the solver allowed to converge (implicit) and the learning rate lowered; and,
+for the implicit model, stage 3: a second, longer pass at length 32 with a lower learning rate. Stages run as
+subprocesses, `--jobs` at a time, each with its share of the cores; a stage whose `final/` folder exists is not
+retrained, so an interrupted run continues where it stopped. Each stage's log is `<group>/<model>/stage-N.log` beside
+its `train_log.jsonl`.
 
-`--bundle-dir DIR` copies, per group, the kept implicit model and the explicit baseline that fits the training length
-(16 layers) into DIR as Hub-layout folders with model cards and their measured figures (`state_tracking.json`),
-which the package's demo and regression tests read.
+`--bundle-dir DIR` copies, per group, the kept implicit model and the 16-layer explicit baseline (the depth the paper
+needs to fit length 32 on S5) into DIR as Hub-layout folders with model cards and their measured figures
+(`state_tracking.json`), which the package's demo and regression tests read.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from implicit_lm.eval.state_tracking import format_table, length_generalization, plot_length_generalization
+from implicit_lm.eval.state_tracking import (
+    duality_rows,
+    format_table,
+    length_generalization,
+    plot_length_generalization,
+)
 from implicit_lm.training.curriculum import Curriculum, Phase
 from implicit_lm.training.runner import all_threads, finetune_command, run_logged, run_parallel, threads_per_job
 from tqdm.auto import tqdm
@@ -109,7 +115,7 @@ UNROLLED_DEPTH = 8
 EXPLICIT_DEPTHS = (16,)
 IMPLICIT = "implicit-mamba2"  # the kept seed's name in the results; each seed trains as implicit-mamba2-seed<k>
 UNROLLED = f"unrolled-mamba2-{UNROLLED_DEPTH}x"
-# The explicit baseline copied by --bundle-dir beside the implicit model: the one that fits the training length.
+# The explicit baseline copied by --bundle-dir beside the implicit model: the deepest one.
 BUNDLED_BASELINE = f"mamba2-{EXPLICIT_DEPTHS[-1]}layer"
 MODEL_NAMES = (IMPLICIT, UNROLLED, *(f"mamba2-{n}layer" for n in EXPLICIT_DEPTHS))
 
@@ -236,11 +242,9 @@ def evaluate_group(group: str, group_dir: Path, specs: list[ModelSpec], timings:
         _, spec, model = kept
         entry = dict(seeds[spec.name])
         with all_threads():
-            duality = length_generalization(model, group, [n for n in DUALITY_LENGTHS if n in EVAL_LENGTHS],
-                                            duality_samples, seed=EVAL_SEED, simultaneous_caps=DUALITY_CAPS,
-                                            batch_size=duality_samples)
-        # The simultaneous rows (each with its agreement with the sequential predictions on the same problems).
-        entry["rows"] = entry["rows"] + [row for row in duality if row["mode"] == "simultaneous"]
+            duality = duality_rows(model, group, [n for n in DUALITY_LENGTHS if n in EVAL_LENGTHS], duality_samples,
+                                   seed=EVAL_SEED, caps=DUALITY_CAPS)
+        entry["rows"] = entry["rows"] + duality
         results = {IMPLICIT: entry, **results}
         summary = seed_summary(seeds, spec.name)
     return {"results": results, "seeds": summary}
@@ -303,17 +307,18 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
     else:
         summary = (
             f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 "
-            f"({entry['parameters']:,} parameters), the same data, schedule and number of optimizer steps, and no "
-            f"solver. Deep enough to fit its training length (length {TRAIN_LENGTH}, as the paper's 16-layer Mamba2 "
-            "does for S5), it does not extrapolate: a constant-depth model with linear recurrences cannot track the "
-            f"state of a non-solvable group such as {group} on longer inputs (section 2 of the paper)."
+            f"({entry['parameters']:,} parameters), trained on the same data with the first two of the implicit "
+            "model's three stages, and no solver. The paper's 16-layer Mamba2 fits length 32 on S5; on this CPU "
+            "budget this one does not fit its training length (Results), and a constant-depth model with linear "
+            f"recurrences cannot track the state of a non-solvable group such as {group} on longer inputs (section 2 "
+            "of the paper)."
         )
     task = (
         f"The input is a sequence of {group} elements (token id = element index in lexicographic order of the "
         "permutations, identity = 0) and the label at position t is the running product x_0 * x_1 * ... * x_t "
         f"(`implicit_lm/tasks/word_problems.py`). Training: word problems of length 8, then of length "
-        f"{TRAIN_LENGTH}, drawn fresh every step (seed {spec.seed}); the three stages and their solver settings are "
-        f"in `training/state_tracking_experiment.py`. Training took {trained}."
+        f"{TRAIN_LENGTH}, drawn fresh every step (seed {spec.seed}); its {len(spec.stages)} stages and their solver "
+        f"settings are in `training/state_tracking_experiment.py`. Training took {trained}."
     )
     prompt = " ".join(element_names(group)[1:5])
     usage = (
