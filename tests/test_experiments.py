@@ -53,12 +53,12 @@ def test_state_tracking_experiment(tmp_path, monkeypatch):
     assert seeds["per_length"][16]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert seeds["per_length"][16]["max"] == max(accuracies)
     # Stage 1 trains 2000 * 0.002 steps on length 8, stages 2 and 3 800 and 1200 * 0.002 on length 32; the
-    # explicit baseline trains stages 1 and 2 only.
+    # explicit baseline shares stages 1 and 2, then trains its own stage 3 (3000 * 0.002 steps).
     implicit_dir = run / "a5" / "implicit-mamba2-seed0"
     assert stage_steps(implicit_dir / "stage-1" / "train_log.jsonl") == [1, 2, 3, 4]
     assert stage_steps(implicit_dir / "stage-2" / "train_log.jsonl") == [1, 2]
     assert stage_steps(implicit_dir / "stage-3" / "train_log.jsonl") == [1, 2]
-    assert not (run / "a5" / "mamba2-16layer" / "stage-3").exists()
+    assert stage_steps(run / "a5" / "mamba2-16layer" / "stage-3" / "train_log.jsonl") == [1, 2, 3, 4, 5, 6]
     stage_2 = json.loads((implicit_dir / "stage-2-curriculum.json").read_text())["phases"][0]
     assert (stage_2["max_iterations"], stage_2["phantom_steps"]) == (32, 4)
     assert not (run / "a5" / "mamba2-16layer" / "stage-1-curriculum.json").exists()  # explicit: no solver settings
@@ -79,6 +79,13 @@ def test_state_tracking_experiment(tmp_path, monkeypatch):
             "01342 10324 12034", max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
         assert generated.strip() in element_names("A5")
     assert "mean +- std" in (bundle / "implicit-mamba2-a5" / "README.md").read_text()
+    # The implicit bundle solves to the test tolerance its figures were measured at, not the training one.
+    config = json.loads((bundle / "implicit-mamba2-a5" / "config.json").read_text())
+    assert (config["tolerance"], config["prefill_mode"]) == (experiment.TEST_TOLERANCE, "sequential")
+    # The untrained toy baseline's card says what its figures say.
+    explicit_card = (bundle / "mamba2-16layer-a5" / "README.md").read_text()
+    fit = next(row["accuracy"] for row in explicit["rows"] if row["length"] == 16)
+    assert f"does not fit its training length ({fit:.3f} per-token accuracy at length 16" in explicit_card
     assert not list(bundle.glob(".*partial*"))
 
     # A second run finds every stage of every model finished, only evaluates again, and reports the recorded times.
