@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model's forward with torch.compile (inductor) before training: about 2x "
+                             "faster steps for an explicit Mamba2 on a CPU, after a one-off compile of a minute or two")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -314,6 +317,9 @@ def train(args: argparse.Namespace) -> Path:
         enable_activation_checkpointing(model)
     if args.lora_rank:
         model = add_lora(model, args)
+    if args.compile:
+        # In place (`nn.Module.compile`): the module stays the one that is saved, unwrapped and walked for solvers.
+        model.compile()
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=args.adam_betas)
