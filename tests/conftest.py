@@ -81,6 +81,26 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def run_module(module: str, *argv: str) -> int:
+    """Run `python -m module *argv` in this interpreter (runpy runs the module's `__main__` block as `-m` does; a
+    fresh interpreter would cost seconds of imports) and return its exit status. Read its output with capsys."""
+    import runpy
+    import sys
+    import warnings
+
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        with warnings.catch_warnings():  # runpy warns that the module is already imported: the tests imported it
+            warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_info:
+        return 0 if exit_info.code is None else exit_info.code
+    finally:
+        sys.argv = saved
+    return 0
+
+
 # Every model family runs the shared suite (tests/test_modeling_common.py).
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 
@@ -172,3 +192,20 @@ def explicit_baseline(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def verify_in_process(request, monkeypatch):
+    """Conversions verify their written folder by reloading it in this interpreter (with the package's registered
+    classes) instead of a fresh one with only its remote code: an interpreter start costs several seconds per
+    conversion. The weights, config and logits are checked the same way; tests marked `fresh_interpreter` (and
+    tests/test_remote_code.py) keep the isolated remote-code reload."""
+    if request.node.get_closest_marker("fresh_interpreter"):
+        return
+    from implicit_lm.conversion import export
+    from transformers import AutoModelForCausalLM
+
+    def reload_here(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
+        return export.verification_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)))
+
+    monkeypatch.setattr(export, "_reload_logits", reload_here)

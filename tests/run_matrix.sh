@@ -2,7 +2,9 @@
 # The test command (README; .ci/run calls it): the whole suite on the newest transformers, which is what a newcomer's
 # pip resolves, then the model contract, generation, remote-code and pipeline tests again on the oldest transformers
 # pyproject.toml declares (`transformers>=FLOOR`), in a venv of their own holding only torch, transformers, this
-# package's requirements and pytest. torch is pinned so that pip takes the CPU wheel instead of CUDA packages.
+# package's requirements and pytest (without the bundled models' accuracy regression tests: their figures do not depend
+# on the transformers version, the loading and generation tests beside them do). torch is pinned so that pip takes
+# the CPU wheel instead of CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pin="torch==2.13.0"
@@ -29,4 +31,4 @@ else
     "$venv/bin/pip" install -q --no-deps -e .  # an existing venv: this checkout's current package layout
 fi
 echo "== floor leg: transformers $floor"
-"$venv/bin/python" -m pytest -q "${floor_tests[@]}"
+"$venv/bin/python" -m pytest -q "${floor_tests[@]}" -k "not recorded_accuracy"

@@ -48,29 +48,32 @@ def test_folder_is_a_complete_hub_repo(name):
     assert "implicit-lm" in metadata["tags"]
 
 
-@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])
-def test_loads_with_only_transformers_and_the_folders_code(tmp_path, name):
-    """In a fresh interpreter that never imports this package, the folder's own remote code is what runs, through
-    AutoModelForCausalLM and AutoModel, also without any of the optional kernel packages."""
+def test_loads_with_only_transformers_and_the_folders_code(tmp_path):
+    """In a fresh interpreter that never imports this package, each folder's own remote code is what runs, through
+    AutoModelForCausalLM and AutoModel, also without any of the optional kernel packages (one interpreter for all
+    the folders: its start costs seconds)."""
+    names = [*STATE_TRACKING, STORIES]
     script = (
         "import sys, torch\n"
         "for name in ('mamba_ssm', 'causal_conv1d', 'flash_attn', 'triton'):\n"
         "    sys.modules[name] = None\n"
         "from transformers import AutoModel, AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(MODELS / name)!r}, trust_remote_code=True)\n"
-        f"backbone = AutoModel.from_pretrained({str(MODELS / name)!r}, trust_remote_code=True)\n"
-        "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
-        "assert type(backbone).__name__ == 'ImplicitMamba2Model', type(backbone)\n"
-        "assert not any(name.startswith('modeling_implicit') for name in sys.modules)\n"
-        "tokens = torch.tensor([[0, 1, 2]])\n"
-        "assert torch.equal(backbone(tokens).last_hidden_state, model.backbone(tokens).last_hidden_state)\n"
-        "print(model(tokens).logits.shape)\n"
+        f"for folder in {[str(MODELS / name) for name in names]!r}:\n"
+        "    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
+        "    backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)\n"
+        "    assert type(model).__module__.startswith('transformers_modules'), (folder, type(model).__module__)\n"
+        "    assert type(backbone).__name__ == 'ImplicitMamba2Model', (folder, type(backbone))\n"
+        "    assert not any(name.startswith('modeling_implicit') for name in sys.modules), folder\n"
+        "    tokens = torch.tensor([[0, 1, 2]])\n"
+        "    assert torch.equal(backbone(tokens).last_hidden_state, model.backbone(tokens).last_hidden_state), folder\n"
+        "    print(folder, tuple(model(tokens).logits.shape))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    vocab_size = json.loads((MODELS / name / "config.json").read_text())["vocab_size"]
-    assert f"torch.Size([1, 3, {vocab_size}])" in result.stdout
+    for name in names:
+        vocab_size = json.loads((MODELS / name / "config.json").read_text())["vocab_size"]
+        assert f"{MODELS / name} (1, 3, {vocab_size})" in result.stdout, name
 
 
 @pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])

@@ -23,6 +23,8 @@ from test_conversion import run_convert, tiny_reference
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.usefixtures("verify_in_process")  # conftest: verification without a fresh interpreter
+
 # Our parameter names -> the standalone code's (implicit_llm: `word_emb`, `backbone.*`; tied head not saved).
 STANDALONE_NAMES = {
     "mamba2": [

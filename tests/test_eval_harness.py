@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import run_module
 
 pytest.importorskip("lm_eval")
 
@@ -48,13 +46,10 @@ def test_task_aliases():
     assert expand_task_names("local, piqa,local") == [*LOCAL_TASKS, "piqa"]
 
 
-def test_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "implicit_lm.eval.harness", "--help"], cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0
-    assert "--tasks" in result.stdout and "--eval-max-iterations" in result.stdout and "lambada_openai" in result.stdout
+def test_help(capsys):
+    assert run_module("implicit_lm.eval.harness", "--help") == 0
+    out = capsys.readouterr().out
+    assert "--tasks" in out and "--eval-max-iterations" in out and "lambada_openai" in out
 
 
 def test_local_tasks(saved_model, tmp_path, monkeypatch):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_mamba2
+from conftest import run_module, tiny_mamba2
 from implicit_lm.eval import jacobian
 
 TOKENS = "3,17,5,21"  # three context tokens, then the measured one
@@ -140,11 +138,8 @@ def test_bad_input_exits_2(arguments, message, one_layer, saved_models, explicit
     assert not (tmp_path / "jacobian.json").exists()
 
 
-def test_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "implicit_lm.eval.jacobian", "--help"], cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+def test_help(capsys):
+    assert run_module("implicit_lm.eval.jacobian", "--help") == 0
+    out = capsys.readouterr().out
     for flag in ("--model", "--random-init", "--tokens", "--length", "--tolerance", "--output-dir"):
-        assert flag in result.stdout
+        assert flag in out

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, ROOT, build_tokenizer
+from conftest import FAMILIES, build_tokenizer, run_module
 from implicit_lm.eval import duality, perplexity, solver_dynamics
 
 WORDS = "the implicit model iterates its layers to a fixed point mary went to the kitchen and john".split()
@@ -203,8 +201,7 @@ def test_solver_dynamics_bad_input(tmp_path, saved_models, explicit_baseline, te
 
 
 @pytest.mark.parametrize("module", ["perplexity", "duality", "solver_dynamics"])
-def test_help_runs_as_a_module(module):
-    result = subprocess.run([sys.executable, "-m", f"implicit_lm.eval.{module}", "--help"], cwd=ROOT,
-                            capture_output=True,
-                            text=True, check=True)
-    assert "--model" in result.stdout and "--data" in result.stdout
+def test_help_runs_as_a_module(module, capsys):
+    assert run_module(f"implicit_lm.eval.{module}", "--help") == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--data" in out

@@ -135,8 +135,8 @@ def test_fused_decode_step_matches_reference(batch, heads, head_dim, state_size,
 
 
 def test_model_decoding_with_the_fused_step_matches_the_reference(monkeypatch):
-    # Few tokens and a loose tolerance: the interpreter runs every program of every launch in Python.
-    model = tiny_mamba2(tolerance=1e-3, num_hidden_layers=1).to(DEVICE)
+    # Few tokens, heads and groups and a loose tolerance: the interpreter runs every program of every launch in Python.
+    model = tiny_mamba2(tolerance=1e-3, num_hidden_layers=1, hidden_size=16, n_groups=1).to(DEVICE)
     tokens = ids(batch=2, length=4).to(DEVICE)
     mask = torch.ones_like(tokens)
     mask[0, :2] = 0

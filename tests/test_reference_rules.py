@@ -99,6 +99,7 @@ def test_reference_rules_couple_the_rows_of_a_batch():
         assert (together.unique().numel() == 1) == coupled  # the reference batch stops together
 
 
+@pytest.mark.usefixtures("verify_in_process")
 def test_a_converted_checkpoint_reproduces_the_reference_at_its_own_settings(tmp_path):
     """The torchdeq-layout checkpoint at the reference's settings (f_tol 0.05, tau 0.8, eval cap 4 x f_max_iter):
     the reloaded model with stop_rule='torchdeq_reference' gives the reference loop's logits and iteration counts."""

@@ -6,14 +6,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import subprocess
-import sys
 import warnings
 from functools import reduce
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import run_module
 from implicit_lm.eval import state_tracking as st
 
 from implicit_lm.tasks import word_problems as wp
@@ -226,10 +224,8 @@ def test_cli_writes_the_data(tmp_path, capsys):
 
 def test_cli_module_entry_point(tmp_path):
     output = tmp_path / "s5.pt"
-    command = [sys.executable, "-m", "implicit_lm.eval.state_tracking", "--group", "S5", "--length", "5",
-               "--num-samples", "3"]
-    result = subprocess.run([*command, "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert run_module("implicit_lm.eval.state_tracking", "--group", "S5", "--length", "5", "--num-samples", "3",
+                      "--output", str(output)) == 0
     saved = torch.load(output, weights_only=True)
     assert torch.equal(saved["tokens"], wp.word_problem("S5", 3, 5, seed=0)[0])
     assert saved["metadata"]["vocab_size"] == 120 and saved["metadata"]["p"] is None

@@ -237,10 +237,17 @@ def test_synthetic_word_problem_training(tmp_path):
         main([*args[:3], "synthetic:mixed:0.5", *args[4:6], "synthetic:mixed:0.5", *args[6:]])
 
 
-def test_compiled_training_matches_eager(tmp_path):
+# CI traces with aot_eager (dynamo and the autograd graphs, without inductor's code generation, which costs a minute
+# on a 2-core machine); the inductor leg, which the state-tracking baselines train with, runs with -m slow.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_training_matches_eager(tmp_path, monkeypatch, backend):
     """`--compile` (an explicit stack, as the state-tracking baselines train): the same losses and weights as the
     eager run to float tolerance, and the saved folder is the plain model's (no compile wrapper in the keys)."""
     from implicit_lm.training.finetune import main
+
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: compile_in_place(
+        self, **{**options, "backend": backend}))
 
     tiny_mamba2(implicit=False, num_hidden_layers=1).save_pretrained(tmp_path / "model")
     args = ["--model", str(tmp_path / "model"), "--data", "synthetic:A5", "--seq-len", "8", "--batch-size", "4",
