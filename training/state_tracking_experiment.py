@@ -345,10 +345,13 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
         fit, fit_length = fit_row["accuracy"], fit_row["length"]
         verdict = ("it fits its training length" if fit >= FIT_ACCURACY else
                    "on this CPU budget it does not fit its training length")
+        long_stages = spec.stages[2:]
+        passes = "a longer pass" if len(long_stages) == 1 else f"{len(long_stages)} longer passes"
         summary = (
             f"The **explicit baseline** of `implicit-mamba2-{group.lower()}`: a {spec.layers}-block Mamba2 "
             f"({entry['parameters']:,} parameters) trained on the same data, with no solver: the implicit model's "
-            f"first two stages, then a longer pass at length {TRAIN_LENGTH}. The paper's 16-layer Mamba2 fits length "
+            f"first two stages, then {passes} at length {TRAIN_LENGTH} "
+            f"({sum(stage.steps for stage in long_stages):,} steps). The paper's 16-layer Mamba2 fits length "
             f"32 on S5; {verdict} ({fit:.3f} per-token accuracy at length {fit_length}, Results), and a "
             "constant-depth model with linear recurrences cannot track the state of a non-solvable group such as "
             f"{group} on longer inputs (section 2 of the paper)."
