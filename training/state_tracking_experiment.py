@@ -16,8 +16,8 @@ length 8 with a large learning rate, where the loss sits at chance for several h
 from stage 1's weights on length 32, with the solver allowed to converge (implicit) and the learning rate lowered; and
 stage 3: for the implicit model a second, longer pass at length 32 with a lower learning rate, for the explicit
 baselines much longer passes at length 32 (stages 3-5 on A5, 3-4 on S5; fitting the training length is what they
-need the steps for). The explicit baselines train compiled (`finetune --compile`; `--no-compile` turns it off). Stages run as
-subprocesses, `--jobs` at a time, each with its share of the cores; a stage whose `final/` folder exists is not
+need the steps for). The explicit baselines train compiled (`finetune --compile`; `--no-compile` turns it off). Stages
+run as subprocesses, `--jobs` at a time, each with its share of the cores; a stage whose `final/` folder exists is not
 retrained, so an interrupted run continues where it stopped. Each stage's log is `<group>/<model>/stage-N.log` beside
 its `train_log.jsonl`.
 
