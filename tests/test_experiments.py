@@ -104,7 +104,8 @@ def test_state_tracking_experiment(tmp_path, monkeypatch):
 
 def test_explicit_baselines_train_compiled_in_long_stages(tmp_path):
     """The default recipe: the explicit stack trains stages 1-2 of the implicit model and long stages of its own at
-    length 32 (on A5 a third one at half the learning rate), every stage compiled; the implicit model's are not."""
+    length 32 (their third at half the learning rate on A5, at the full one on S5), every stage compiled; the implicit
+    model's are not."""
     from implicit_lm.training import state_tracking_experiment as experiment
 
     a5 = {spec.name: spec for spec in experiment.default_specs("A5", 128, 64)}["mamba2-16layer"]
@@ -112,14 +113,19 @@ def test_explicit_baselines_train_compiled_in_long_stages(tmp_path):
     assert [(stage.steps, stage.learning_rate) for stage in a5.stages[2:]] == [(3000, 1e-3), (6000, 1e-3), (4000, 5e-4)]
     specs = {spec.name: spec for spec in experiment.default_specs("S5", 128, 64)}
     explicit, implicit = specs["mamba2-16layer"], specs["implicit-mamba2-seed0"]
-    assert [(stage.steps, stage.learning_rate) for stage in explicit.stages[2:]] == [(3000, 1e-3), (6000, 1e-3)]
+    assert [(stage.steps, stage.learning_rate) for stage in explicit.stages[2:]] == [(3000, 1e-3), (6000, 1e-3),
+                                                                                   (4000, 1e-3)]
     assert explicit.stages[0].learning_rate == 1e-3  # S5's explicit stack stalls at stage 1's 3e-3
-    for index in range(4):
+    for index in range(5):
         command, output = experiment.stage_command(explicit, index, tmp_path / "explicit", "S5", 64)
         assert "--compile" in command and output.name == f"stage-{index + 1}"
     (tmp_path / "implicit").mkdir()  # the implicit stages write their curriculum files there
     command, _ = experiment.stage_command(implicit, 2, tmp_path / "implicit", "S5", 64)
     assert "--compile" not in command
+    # Without --seeds each group trains the seeds its bundled model was kept from; --seeds applies to every group.
+    assert experiment.parse_args(["--output-dir", str(tmp_path)]).seeds == {"A5": (0,), "S5": (0, 1)}
+    assert experiment.parse_args(["--output-dir", str(tmp_path), "--seeds", "2,2,3"]).seeds == {
+        "A5": (2, 3), "S5": (2, 3)}
     uncompiled = experiment.default_specs("S5", 128, 64, compile_explicit=False)
     assert not any(spec.compiled for spec in uncompiled)
 
