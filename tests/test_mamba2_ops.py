@@ -60,10 +60,12 @@ def test_conv_matches_torch_conv_and_streams():
 
 
 def test_gated_norm_matches_transformers():
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.mamba2 import modeling_mamba2
 
+    # transformers 5.25 renamed MambaRMSNormGated to Mamba2RMSNormGated; the maths is the same.
+    gated_norm_class = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
     torch.manual_seed(0)
-    reference = MambaRMSNormGated(16, group_size=8, eps=1e-5)
+    reference = gated_norm_class(16, group_size=8, eps=1e-5)
     reference.weight.data.normal_()
     x, gate = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     torch.testing.assert_close(gated_rms_norm(x, gate, reference.weight, 1e-5, 8), reference(x, gate))
