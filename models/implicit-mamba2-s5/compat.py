@@ -7,8 +7,8 @@ version string.
   and in `prepare_inputs_for_generation`. Our outputs subclass transformers' own, so they carry the cache under the
   installed name (`CACHE_NAME`) and keep the `.past_key_values` alias wherever transformers has it; `forward` takes
   both names, without warnings.
-- The one private hook: `GenerationMixin._supports_default_dynamic_cache` (checked on 5.10.1, 5.17.0, 5.23.0 and
-  5.24.0). Returning False makes `generate()` build no `DynamicCache`, as for transformers' own recurrent models; the
+- The one private hook: `GenerationMixin._supports_default_dynamic_cache` (checked on 5.10.1, 5.17.0, 5.23.0, 5.24.0 and
+  5.25.0). Returning False makes `generate()` build no `DynamicCache`, as for transformers' own recurrent models; the
   causal LM's `prepare_inputs_for_generation` hands the first forward an empty cache of ours instead, after the inputs
   were expanded for beams and `num_return_sequences`, and `generate()` carries it on from the outputs. Before 5.24 the
   hook also returned False for any class with `_is_stateful`; 5.24 dropped that rule, hence the override.
