@@ -105,7 +105,7 @@ def test_state_tracking_experiment(tmp_path, monkeypatch):
 def test_explicit_baselines_train_compiled_in_long_stages(tmp_path):
     """The default recipe: the explicit stack trains stages 1-2 of the implicit model and long stages of its own at
     length 32 (their third at half the learning rate on A5, at the full one on S5), every stage compiled; the implicit
-    model's are not."""
+    model's are not, and on S5 it has a fourth stage."""
     from implicit_lm.training import state_tracking_experiment as experiment
 
     a5 = {spec.name: spec for spec in experiment.default_specs("A5", 128, 64)}["mamba2-16layer"]
@@ -122,8 +122,17 @@ def test_explicit_baselines_train_compiled_in_long_stages(tmp_path):
     (tmp_path / "implicit").mkdir()  # the implicit stages write their curriculum files there
     command, _ = experiment.stage_command(implicit, 2, tmp_path / "implicit", "S5", 64)
     assert "--compile" not in command
+    # S5's implicit model has a fourth, lower-learning-rate pass at length 32, trained from stage 3's weights; A5's
+    # has three stages.
+    assert [(stage.seq_len, stage.steps, stage.learning_rate) for stage in implicit.stages] == [
+        (8, 4000, 3e-3), (32, 800, 1e-3), (32, 1200, 5e-4), (32, 1500, 2e-4)]
+    command, output = experiment.stage_command(implicit, 3, tmp_path / "implicit", "S5", 64)
+    assert command[command.index("--model") + 1] == str(tmp_path / "implicit" / "stage-3" / "final")
+    assert output.name == "stage-4" and command[command.index("--learning-rate") + 1] == "0.0002"
+    a5_implicit = {spec.name: spec for spec in experiment.default_specs("A5", 128, 64)}["implicit-mamba2-seed0"]
+    assert len(a5_implicit.stages) == 3
     # Without --seeds each group trains the seeds its bundled model was kept from; --seeds applies to every group.
-    assert experiment.parse_args(["--output-dir", str(tmp_path)]).seeds == {"A5": (0,), "S5": (0, 1)}
+    assert experiment.parse_args(["--output-dir", str(tmp_path)]).seeds == {"A5": (0,), "S5": (0,)}
     assert experiment.parse_args(["--output-dir", str(tmp_path), "--seeds", "2,2,3"]).seeds == {
         "A5": (2, 3), "S5": (2, 3)}
     uncompiled = experiment.default_specs("S5", 128, 64, compile_explicit=False)

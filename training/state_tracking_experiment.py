@@ -14,12 +14,12 @@ iterations and converged share, and the share of simultaneous predictions identi
 Models train in stages with `implicit-lm finetune` (what mattered at this scale, see docs/BENCHMARKS.md): stage 1 on
 length 8 with a large learning rate, where the loss sits at chance for several hundred steps and then drops; stage 2
 from stage 1's weights on length 32, with the solver allowed to converge (implicit) and the learning rate lowered; and
-stage 3: for the implicit model a second, longer pass at length 32 with a lower learning rate, for the explicit
-baselines much longer passes at length 32 (stages 3-5; fitting the training length is what they need the steps for). The
-explicit baselines train compiled (`finetune --compile`; `--no-compile` turns it off). Stages run as subprocesses,
-`--jobs` at a time, each with its share of the cores; a stage whose `final/` folder exists is not retrained, so an
-interrupted run continues where it stopped. Each stage's log is `<group>/<model>/stage-N.log` beside its
-`train_log.jsonl`.
+stage 3: for the implicit model a second, longer pass at length 32 with a lower learning rate (on S5 a stage 4 with a
+lower one again), for the explicit baselines much longer passes at length 32 (stages 3-5; fitting the training length
+is what they need the steps for). The explicit baselines train compiled (`finetune --compile`; `--no-compile` turns
+it off). Stages run as subprocesses, `--jobs` at a time, each with its share of the cores; a stage whose `final/`
+folder exists is not retrained, so an interrupted run continues where it stopped. Each stage's log is
+`<group>/<model>/stage-N.log` beside its `train_log.jsonl`.
 
 `--bundle-dir DIR` copies, per group, the kept implicit model and the 16-layer explicit baseline (the depth the paper
 needs to fit length 32 on S5) into DIR as Hub-layout folders with model cards and their measured figures
@@ -102,12 +102,15 @@ class ModelSpec:
     compiled: bool = False
 
 
-# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, stages 2 and 3 with up
+# The 1-layer implicit model: stage 1 solves with at most 8 iterations and 2 phantom steps, the later stages with up
 # to 32 iterations (relative residual 0.01) and 4 phantom steps; at test time up to 128 iterations per token. Stage 3
 # (a second, lower-learning-rate pass at length 32) cut the error rate far past the training length about 3x at
-# hidden 64, less measurably at 128 (docs/BENCHMARKS.md). S5, twice A5's size, needs a longer stage 1 to leave chance.
+# hidden 64, less measurably at 128 (docs/BENCHMARKS.md). S5, twice A5's size, needs a longer stage 1 to leave chance,
+# and a fourth pass at a learning rate lower again: on the kept seed it took the test accuracy at lengths 256 / 1024
+# from 0.980 / 0.838 to 0.988 / 0.894 (0.986 / 0.945 with another data seed; its errors are rare events past which
+# the state is lost, so fewer of them compound).
 def implicit_stages(group: str) -> tuple[Stage, ...]:
-    return (
+    stages = (
         Stage(seq_len=8, steps=4000 if group == "S5" else 2000, learning_rate=3e-3, decay_start=0.9,
               max_iterations=8, tolerance=0.01, phantom_steps=2),
         Stage(seq_len=TRAIN_LENGTH, steps=800, learning_rate=1e-3, decay_start=0.9, max_iterations=32,
@@ -115,6 +118,10 @@ def implicit_stages(group: str) -> tuple[Stage, ...]:
         Stage(seq_len=TRAIN_LENGTH, steps=1200, learning_rate=5e-4, decay_start=0.3, max_iterations=32,
               tolerance=0.01, phantom_steps=4),
     )
+    if group == "S5":
+        stages += (Stage(seq_len=TRAIN_LENGTH, steps=1500, learning_rate=2e-4, decay_start=0.3, max_iterations=32,
+                         tolerance=0.01, phantom_steps=4),)
+    return stages
 
 
 # The unrolled baseline: the same weight-tied block applied exactly 8 times in training and at test time (an unrolled
@@ -127,9 +134,10 @@ EXPLICIT_DEPTHS = (16,)
 # the learning rate, S5 (0.611, +0.03-0.07 per 1500 steps) one at stage 4's (docs/BENCHMARKS.md).
 EXPLICIT_LONG_STAGES = {"A5": ((3000, 1e-3), (6000, 1e-3), (4000, 5e-4)),
                         "S5": ((3000, 1e-3), (6000, 1e-3), (4000, 1e-3))}
-# The implicit model's seeds per group when `--seeds` is not given: those the bundled model was kept from (S5's
-# first seed missed the extrapolation targets, so a second one trained; docs/BENCHMARKS.md).
-DEFAULT_SEEDS = {"A5": (0,), "S5": (0, 1)}
+# The implicit model's seeds per group when `--seeds` is not given: the bundled model's. On S5 a second seed, trained
+# with stages 1-3, did worse on the validation set than the first (0.694 against 0.971; docs/BENCHMARKS.md), and
+# the first one's stage 4 then met the targets more nearly, so it is the one the default retrains.
+DEFAULT_SEEDS = {"A5": (0,), "S5": (0,)}
 FIT_ACCURACY = 0.95  # per-token accuracy at the training length that counts as fitting it (the issue's bar)
 IMPLICIT = "implicit-mamba2"  # the kept seed's name in the results; each seed trains as implicit-mamba2-seed<k>
 UNROLLED = f"unrolled-mamba2-{UNROLLED_DEPTH}x"
@@ -159,7 +167,7 @@ def default_specs(group: str, hidden_size: int, baseline_hidden_size: int, seeds
     whose solver loop depends on the data, train uncompiled)."""
     stages = implicit_stages(group)
     # The unrolled baseline trains stages 1 and 2, the explicit ones add their own long stages; the implicit model's
-    # stage 3 is for the extrapolation only a model with a state-tracking mechanism can show.
+    # later stages are for the extrapolation only a model with a state-tracking mechanism can show.
     baseline_stages = stages[:2]
     unrolled_stages = tuple(
         dataclasses.replace(stage, max_iterations=UNROLLED_DEPTH, tolerance=None, phantom_steps=1)
