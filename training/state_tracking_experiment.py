@@ -119,8 +119,7 @@ def implicit_stages(group: str) -> tuple[Stage, ...]:
               tolerance=0.01, phantom_steps=4),
     )
     if group == "S5":
-        stages += (Stage(seq_len=TRAIN_LENGTH, steps=1500, learning_rate=2e-4, decay_start=0.3, max_iterations=32,
-                         tolerance=0.01, phantom_steps=4),)
+        stages += (dataclasses.replace(stages[-1], steps=1500, learning_rate=2e-4),)
     return stages
 
 
