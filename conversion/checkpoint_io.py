@@ -1,4 +1,4 @@
-"""Reading checkpoints lazily and writing output folders atomically."""
+"""Reading checkpoints lazily, tensor by tensor; every read error names the file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .reference import ConversionError
 
@@ -16,42 +17,45 @@ _LAYOUTS = (  # (index file, single file, format), in order of preference
 )
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; `ConversionError` naming the file if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 class _SafetensorsFile:
-    """Reads single tensors of a safetensors file with plain file reads. Unlike a memory map, whose touched pages
-    count as resident until the file is closed, each tensor's memory is freed as soon as it is dropped, so
-    converting a checkpoint needs about one model of memory, not two."""
+    """Reads single tensors of a safetensors file through the safetensors library, which validates the header, its
+    size and every tensor's offsets and bounds. The file is opened anew for each tensor: a memory map held open keeps
+    every touched page resident, so converting a checkpoint would need two models of memory instead of one."""
 
     def __init__(self, path: Path):
         self.path = path
-        with open(path, "rb") as file:
-            header_size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(header_size))
-        header.pop("__metadata__", None)
-        self.start = 8 + header_size
-        self.entries = header
+        with self._open() as handle:
+            self.entries = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+    def _open(self):
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"{self.path} is not a valid safetensors file: {error}") from error
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
+        return self.entries[key]
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ConversionError(f"{self.path.name}: {key} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        with open(self.path, "rb") as file:
-            file.seek(self.start + begin)
-            data = bytearray(file.read(end - begin))
-        tensor = torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]) if data else torch.empty(0)
-        return tensor.reshape(entry["shape"])
+        with self._open() as handle:
+            try:
+                return handle.get_tensor(key)
+            except (SafetensorError, TypeError, ValueError) as error:  # e.g. a dtype torch does not have
+                raise ConversionError(f"{self.path}: cannot read {key}: {error}") from error
 
 
 class CheckpointReader:
@@ -77,8 +81,8 @@ class CheckpointReader:
         for index_name, single_name, fmt in _LAYOUTS:
             index = self.folder / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text()).get("weight_map")
-                if not weight_map:
+                weight_map = read_json(index).get("weight_map")
+                if not weight_map or not isinstance(weight_map, dict):
                     raise ConversionError(f"{index} has no weight_map")
                 files = sorted({self.folder / name for name in weight_map.values()})
                 absent = [f.name for f in files if not f.is_file()]
@@ -96,10 +100,7 @@ class CheckpointReader:
     def _handle(self, file: Path):
         if file not in self._open:
             if self.format == "safetensors":
-                try:
-                    self._open[file] = _SafetensorsFile(file)
-                except (OSError, ValueError) as error:
-                    raise ConversionError(f"Cannot read {file}: {error}") from error
+                self._open[file] = _SafetensorsFile(file)
             else:
                 try:
                     self._open[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -115,5 +116,12 @@ class CheckpointReader:
         return dict(self._shapes)
 
     def read(self, key: str) -> torch.Tensor:
-        handle = self._handle(self._file_of[key])
-        return handle.get_tensor(key) if self.format == "safetensors" else handle[key]
+        """The tensor `key`; `ConversionError` naming the file and the key if it is not finite (a NaN or inf in a
+        source weight would only surface later as a diverging solve)."""
+        file = self._file_of[key]
+        handle = self._handle(file)
+        tensor = handle.get_tensor(key) if self.format == "safetensors" else handle[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(f"{file}: {key} holds {count} NaN or infinite value(s) of {tensor.numel()}")
+        return tensor

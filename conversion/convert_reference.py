@@ -15,9 +15,7 @@ renamed in only after the reloaded folder reproduced the source logits.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,17 @@ from transformers import GenerationConfig
 
 from modeling_implicit import ImplicitPretrainedConfig
 
-from .checkpoint_io import CheckpointReader
-from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
+from .checkpoint_io import CheckpointReader, read_json
+from .export import (
+    prepare_command,
+    check_dtype,
+    empty_model,
+    expected_shapes,
+    export_model,
+    fill_model,
+    load_tokenizer,
+    run_command,
+)
 from .presets import PRESETS, preset_reference_config
 from .reference import (
     LAYOUTS,
@@ -81,6 +88,7 @@ def _check_tied_head(reader: CheckpointReader, reference: dict[str, Any], layout
 
 
 def convert(args: argparse.Namespace) -> float:
+    prepare_command(args)
     dtype = check_dtype(args.dtype)
     source = Path(args.src) if args.src else None
     if args.preset:
@@ -89,7 +97,7 @@ def convert(args: argparse.Namespace) -> float:
         config_file = source / "config.json"
         if not config_file.is_file():
             raise ConversionError(f"{config_file} not found (or pass --preset to name the configuration).")
-        reference = json.loads(config_file.read_text())
+        reference = read_json(config_file)
     reader = None if args.random_init else CheckpointReader(source)
     layout = args.layout if args.layout != "auto" else detect_layout(reference, reader.shapes if reader else ())
     config = config_from_reference(reference, layout, drop_noise=args.drop_noise)
@@ -153,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--repo-id", help="Hub id named in the model card (default: the DST folder name)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| after reload")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DST, if it is a model folder written by implicit-lm (nothing else)")
     return parser
 
 
@@ -164,12 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--random-init needs --preset and no --src")
     if not args.random_init and not args.src:
         parser.error("pass --src (or --preset NAME --random-init)")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        convert(args)
-    except (ConversionError, FileExistsError, RuntimeError, ValueError) as error:
-        logger.error("error: %s", error)
-        sys.exit(1)
+    run_command(convert, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,16 @@ from implicit_lm.model_cards import render_model_card, validate_model_card
 from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
 
 from .checkpoint_io import CheckpointReader
-from .export import check_dtype, empty_model, expected_shapes, export_model, fill_model, load_tokenizer
+from .export import (
+    prepare_command,
+    check_dtype,
+    empty_model,
+    expected_shapes,
+    export_model,
+    fill_model,
+    load_tokenizer,
+    run_command,
+)
 from .reference import ConversionError
 
 logger = logging.getLogger("implicit_lm.conversion")
@@ -89,7 +97,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     def decode(value: dict[str, Any]) -> Any:
         return float(value["__float__"]) if set(value) == {"__float__"} else value
 
-    return json.loads(path.read_text(), object_hook=decode)
+    try:
+        return json.loads(path.read_text(), object_hook=decode)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from error
 
 
 def _source_name(layout: str, target: str) -> str:
@@ -116,6 +127,7 @@ def _injection_source(config: ImplicitPretrainedConfig, target: str) -> list[str
 
 
 def import_pretrained(args: argparse.Namespace) -> float:
+    prepare_command(args)
     dtype = check_dtype(args.dtype)
     source = Path(args.src)
     config_file = source / "config.json"
@@ -177,14 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo-id", help="Hub id named in the model card (default: the DST folder name)")
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| after reload")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DST, if it is a model folder written by implicit-lm (nothing else)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        import_pretrained(args)
-    except (ConversionError, FileExistsError, RuntimeError, ValueError) as error:
-        logger.error("error: %s", error)
-        sys.exit(1)
+    run_command(import_pretrained, args)
 
 
 if __name__ == "__main__":
