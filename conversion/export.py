@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -16,8 +18,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from implicit_lm.files import atomic_output
+from implicit_lm.files import atomic_output, check_apart, check_destination, remove_stale_partials
 from modeling_implicit import ImplicitPretrainedConfig
+from modeling_implicit.solver import SolverDivergenceError
 
 from .reference import ConversionError, model_class
 
@@ -77,17 +80,31 @@ def fill_model(model: torch.nn.Module, targets: list[str], produce: Callable[[st
         state[name].copy_(tensor.to(state[name].dtype))
 
 
-def _reload_logits(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
-    """Reload `folder` in a fresh interpreter that cannot import this repository (so the saved remote code is what
-    runs) and return its verification logits."""
+class RemoteCodeError(VerificationError):
+    """A folder does not load, or does not run, through its own remote code in a fresh interpreter; `stderr` is the
+    end of that interpreter's output (its traceback)."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+def reload_logits(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
+    """Load `folder` with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` in a fresh interpreter
+    that cannot import this repository (PYTHONPATH is emptied and it runs in `workdir`, so the folder's own remote
+    code is what runs, with only torch and transformers) and return its verification logits (float32).
+
+    `dtype` is a key of `DTYPES` or `"auto"` (the dtype the weights are stored in). Raises `RemoteCodeError` with the
+    interpreter's traceback if loading or the forward pass fails."""
     output = workdir / "reloaded.pt"
+    torch_dtype = repr("auto") if dtype == "auto" else f"torch.{dtype}"
     script = textwrap.dedent(
         f"""
         import warnings, torch
         from transformers import AutoModelForCausalLM
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True,
-                                                     dtype=torch.{dtype}).eval()
+                                                     dtype={torch_dtype}).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         tokens = (torch.arange(1, {VERIFY_TOKENS} + 1) * 7919 % model.config.vocab_size)[None]
         with torch.no_grad():
@@ -100,8 +117,16 @@ def _reload_logits(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
         [sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
-        raise VerificationError(f"Reloading {folder} with trust_remote_code failed:\n{result.stderr[-4000:]}")
+        raise RemoteCodeError(
+            f"Reloading {folder} with trust_remote_code failed:\n{result.stderr[-4000:]}", result.stderr[-20000:]
+        )
     return torch.load(output, weights_only=True)
+
+
+def _reload_logits(folder: Path, dtype: str, workdir: Path) -> torch.Tensor:
+    # `export_model` reloads through this name: tests swap in an in-process reload here (conftest's verify_in_process)
+    # without touching `reload_logits`, which `publish` uses.
+    return reload_logits(folder, dtype, workdir)
 
 
 def export_model(
@@ -158,6 +183,38 @@ def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase | None:
         return AutoTokenizer.from_pretrained(name)
     except Exception as error:  # offline, missing files, unknown id
         raise ConversionError(f"Cannot load the tokenizer {name!r}: {error}") from error
+
+
+def prepare_command(args: argparse.Namespace) -> None:
+    """Before any work of a command that writes a model folder (`convert`, `import-pretrained`): refuse bad options
+    (the dtype, the verification tolerance, a destination that is, contains or lies inside one of the inputs, which
+    `--overwrite` would delete or the output would land in), then remove what killed runs left next to the
+    destination (saying so), so that their disk space is free before the new output is written."""
+    check_dtype(args.dtype)
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ConversionError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+    tokenizer = args.tokenizer if args.tokenizer and Path(args.tokenizer).exists() else None  # else a Hub id
+    try:
+        check_apart(args.dst, {"--src": args.src, "--tokenizer": tokenizer})
+    except ValueError as error:
+        raise ConversionError(f"--dst: {error}") from error
+    check_destination(args.dst, folder=True, overwrite=args.overwrite)
+    remove_stale_partials(args.dst)
+
+
+def run_command(work: Callable[[argparse.Namespace], float], args: argparse.Namespace) -> None:
+    """Run a conversion command (which starts with `prepare_command`): any failure is reported as one `error:` line
+    with exit status 1 (nothing is written then; see `export_model`)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        work(args)
+    except SolverDivergenceError as error:
+        logger.error("error: the model diverges on the verification input (%s); the checkpoint's weights or solver "
+                     "settings are broken", error)
+        raise SystemExit(1) from None
+    except (ConversionError, FileExistsError, RuntimeError, ValueError) as error:
+        logger.error("error: %s", error)
+        raise SystemExit(1) from None
 
 
 def check_dtype(name: str) -> torch.dtype:
