@@ -7,7 +7,7 @@ with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_implicit import ImplicitPretrainedConfig
+from .configuration_implicit import ImplicitPretrainedConfig, UnknownConfigKeyWarning
 from .configuration_implicit_llama import ImplicitLlamaConfig
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .modeling_implicit_llama import (
@@ -73,5 +73,6 @@ __all__ = [
     "SolverSettings",
     "SolverStats",
     "StackInputs",
+    "UnknownConfigKeyWarning",
     "solve_fixed_point",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require
+from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require, _require_number
 
 
 class ImplicitLlamaConfig(ImplicitPretrainedConfig):
@@ -60,6 +60,9 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
     mlp_bias: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # transformers folds the legacy rotary keys into `rope_parameters` before our validation runs: check its type
+        # first, so that a wrong one is named instead of failing inside transformers.
+        self._validate_rope_parameters_type()
         # Derived defaults first: the base validates the finished config.
         heads = self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -67,6 +70,12 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
         if self.head_dim is None and _positive_int(heads) and _positive_int(self.hidden_size):
             self.head_dim = self.hidden_size // heads
         super().__post_init__(**kwargs)
+
+    def _validate_rope_parameters_type(self) -> None:
+        _require(
+            self.rope_parameters is None or isinstance(self.rope_parameters, dict),
+            "rope_parameters", self.rope_parameters, "None or a dict of rotary parameters",
+        )
 
     @property
     def qkv_size(self) -> int:
@@ -96,8 +105,14 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
             f"a divisor of num_attention_heads ({self.num_attention_heads})",
         )
         _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "even (rotary embeddings rotate pairs)")
-        _require(self.hidden_act in ACT2FN, "hidden_act", self.hidden_act, "an activation name known to transformers")
-        _require(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")
+        _require(
+            isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN,
+            "hidden_act", self.hidden_act, "an activation name known to transformers",
+        )
+        _require_number("attention_dropout", self.attention_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("attention_bias", "mlp_bias"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        self._validate_rope_parameters_type()
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         _require(
             rope_type == "default" or rope_type in ROPE_INIT_FUNCTIONS,

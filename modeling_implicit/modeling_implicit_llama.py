@@ -318,7 +318,8 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         see). Training with `phantom_damping < 1` returns a damped mix of the last two evaluations; the recorded ones
         are the last's."""
         call = FixedPointCall(self, input_ids, inputs_embeds, attention_mask, cache_argument(cache, past_key_values),
-                              use_cache, output_hidden_states, output_attentions, solver_overrides)
+                              use_cache, output_hidden_states, output_attentions, solver_overrides,
+                              kwargs.get("cache_position"))
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         injection = self.inject(inputs_embeds)
