@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import math
+import warnings
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 SOLVERS = ("picard", "anderson")
 STOP_MODES = ("rel", "abs")
@@ -24,13 +27,80 @@ SOLVER_OVERRIDE_FIELDS = (
 )
 
 
+class UnknownConfigKeyWarning(UserWarning):
+    """A configuration key that no field reads, spelled like one that does (a likely typo: `toleranse=0.1`)."""
+
+
 def _require(condition: bool, field: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ValueError(f"Invalid config value {field}={value!r}: must be {allowed}.")
 
 
+def _is_int(value: Any) -> bool:
+    """A Python integer, not a bool (`True` is an `int` to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool, a string or None."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
+
+
+def _require_number(field: str, value: Any, in_range: Any, allowed: str) -> None:
+    """`value` must be a number (int or float, never bool, str or None) for which `in_range(value)` holds; the error
+    names the field, the value and `allowed` (the range, as words)."""
+    _require(_is_number(value), field, value, f"a number (int or float), {allowed}")
+    _require(in_range(value), field, value, allowed)
+
+
+def _require_pair(field: str, value: Any, in_range: Any, allowed: str) -> None:
+    """`value` must be a pair `(low, high)` (list or tuple) of numbers for which `in_range(low, high)` holds."""
+    _require(
+        isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value),
+        field, value, f"a pair of numbers (low, high) with {allowed}",
+    )
+    _require(in_range(*value), field, value, f"(low, high) with {allowed}")
+
+
+# Keys that are never a misspelt field of ours, whatever they resemble: transformers' own configuration attributes and
+# legacy keys, the generation parameters hub configs carry, and the fields of transformers' Llama and Mamba2 configs
+# (a checkpoint converted from those may keep some). Built on first use.
+_LEGACY_KEYS = (
+    "torch_dtype", "rope_theta", "rope_scaling", "name_or_path", "attn_implementation", "experts_implementation",
+    "num_labels", "per_layer_config", "return_unused_kwargs", "use_return_dict", "torchscript", "pretraining_tp",
+    "time_step_rank", "norm_before_gate", "rms_norm", "num_heads",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_keys() -> frozenset[str]:
+    from transformers import LlamaConfig, Mamba2Config
+
+    names = set(_LEGACY_KEYS) | set(dir(PretrainedConfig)) | set(dir(LlamaConfig)) | set(dir(Mamba2Config))
+    names |= set(GenerationConfig().to_dict())
+    return frozenset(names)
+
+
+def _warn_near_misses(config: PretrainedConfig, extra: dict[str, Any], stacklevel: int) -> None:
+    """Warn for every key of `extra` (keys no field of `config` reads) whose name is close to one of its fields: the
+    field keeps its value, so the setting the user meant is silently not applied. Other extra keys are accepted
+    silently, as transformers accepts them (hub configs carry many)."""
+    fields = sorted({*getattr(type(config), "__dataclass_fields__", {}), *type(config).attribute_map})
+    for key, value in extra.items():
+        if not isinstance(key, str) or key.startswith("_") or key in fields:
+            continue
+        match = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if match and key not in _transformers_keys():
+            warnings.warn(
+                f"{type(config).__name__}: {key}={value!r} is not a field of the configuration, so nothing reads "
+                f"it; did you mean {match[0]!r}? ({match[0]} stays {getattr(config, match[0], None)!r}.)",
+                UnknownConfigKeyWarning,
+                stacklevel=stacklevel + 1,
+            )
 
 
 class ImplicitPretrainedConfig(PretrainedConfig):
@@ -52,7 +122,8 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         residual_in_fp32 (`bool`, defaults to `True`): keep the residual stream of every block in float32, whatever
             the weights' dtype.
         use_cache (`bool`, defaults to `True`): return a cache of fixed-point states for generation.
-        pad_token_id / bos_token_id / eos_token_id (`int`, *optional*): special token ids.
+        pad_token_id / bos_token_id / eos_token_id (`int`, *optional*): special token ids (`eos_token_id` may also
+            be a list of ids).
 
     Solver fields:
         implicit (`bool`, defaults to `True`): `False` gives the explicit model from the same code and weights: no
@@ -115,6 +186,14 @@ class ImplicitPretrainedConfig(PretrainedConfig):
 
     Convergence is judged per sample: a sample whose residual is below `tolerance` is frozen while the others go
     on, so its result never depends on its batch mates or on padding.
+
+    Checks: `validate()` raises `ValueError` naming the first invalid field and its value. Counts (`int` above) must
+    be Python ints, real-valued settings (`float` above) ints or floats: booleans, strings and None are refused in
+    both, except in fields marked *optional*. It runs when the config is built (also from a `config.json`), after
+    `from_pretrained(..., tolerance=...)` (of a model, a config or `AutoConfig`) applied its keyword overrides, and at
+    a model's forward when fields changed since its last forward. A key that is no field is kept as an attribute that
+    nothing reads, as in transformers (hub configs carry `architectures`, `auto_map`, ...); when its name is close to
+    a field's (`toleranse`), an `UnknownConfigKeyWarning` names the field meant.
     """
 
     vocab_size: int = 50288
@@ -150,13 +229,30 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     converted_from: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # `kwargs` are the keys that are not fields (transformers' legacy keys, hub metadata, typos).
+        _warn_near_misses(self, kwargs, stacklevel=3)
         super().__post_init__(**kwargs)
         self.validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' `from_dict` (what `from_pretrained` of a config, of `AutoConfig` and of a model calls), then
+        the checks of construction on the result: transformers sets the keyword overrides
+        (`from_pretrained(folder, tolerance=1e-3)`) on the config after building it, so they are validated here, and
+        an override that matches no field but is spelt like one warns (`UnknownConfigKeyWarning`)."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        unused = {key: value for key, value in kwargs.items() if not hasattr(config, key)}
+        _warn_near_misses(config, unused, stacklevel=2)
+        config.validate()
+        return result
+
     def validate(self) -> None:
-        """Raise `ValueError` naming the first invalid field, then run transformers' own config validation (special
-        token ids, rotary parameters, ...). Models call it on every forward, so settings changed after construction
-        (a training curriculum, a user override) are checked too."""
+        """Raise `ValueError` naming the first invalid field and its value, then run transformers' own config
+        validation (special token ids, rotary parameters, ...). Runs when a config is built, after `from_dict` /
+        `from_pretrained` applied their keyword overrides, and at a model's forward whenever the config's fields
+        changed since the model's last forward (a training curriculum, a user's `model.config.tolerance = ...`); a
+        call's `solver_overrides` are checked on the call's own copy (`with_overrides`)."""
         self.validate_fields()
         super().validate()
 
@@ -179,32 +275,29 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         return resolved
 
     def validate_fields(self) -> None:
-        """Our own checks (family configurations extend them), each naming the field it rejects."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        """Our own checks (family configurations extend them), each naming the field it rejects and its value. Counts
+        must be ints and real-valued settings ints or floats; booleans, strings and None are refused in both."""
+        for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "max_iterations", "eval_max_iterations",
+            "anderson_memory", "phantom_steps", "convergence_check_interval",
+        ):
             _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
-        _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", self.layer_norm_epsilon, "> 0")
-        _require(self.initializer_range > 0, "initializer_range", self.initializer_range, "> 0")
-        _require(isinstance(self.implicit, bool), "implicit", self.implicit, "True or False")
-        for name in ("warm_start", "cuda_graph_decoding", "early_stop"):
+        for name in ("layer_norm_epsilon", "initializer_range", "tolerance"):
+            _require_number(name, getattr(self, name), lambda v: math.isfinite(v) and v > 0, "finite and > 0")
+        for name in ("damping", "phantom_damping"):
+            _require_number(name, getattr(self, name), lambda v: 0 < v <= 1, "in (0, 1]")
+        for name in ("implicit", "warm_start", "cuda_graph_decoding", "early_stop", "residual_in_fp32"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        for name in ("max_iterations", "eval_max_iterations", "anderson_memory", "convergence_check_interval"):
-            _require(_positive_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name, None)
+            _require(value is None or _is_int(value), name, value, "None or an integer token id")
+        eos = getattr(self, "eos_token_id", None)
         _require(
-            isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0,
-            "tolerance",
-            self.tolerance,
-            "a finite number > 0",
+            eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(i) for i in eos)),
+            "eos_token_id", eos, "None, an integer token id or a list of them",
         )
         _require(self.stop_mode in STOP_MODES, "stop_mode", self.stop_mode, f"one of {STOP_MODES}")
-        _require(0 < self.damping <= 1, "damping", self.damping, "in (0, 1]")
         _require(self.solver in SOLVERS, "solver", self.solver, f"one of {SOLVERS}")
-        _require(
-            _positive_int(self.phantom_steps),
-            "phantom_steps",
-            self.phantom_steps,
-            "an integer >= 1",
-        )
-        _require(0 < self.phantom_damping <= 1, "phantom_damping", self.phantom_damping, "in (0, 1]")
         _require(self.backward in BACKWARDS, "backward", self.backward, f"one of {BACKWARDS}")
         _require(self.inference_mode in MODES, "inference_mode", self.inference_mode, f"one of {MODES}")
         _require(self.prefill_mode in MODES, "prefill_mode", self.prefill_mode, f"one of {MODES}")

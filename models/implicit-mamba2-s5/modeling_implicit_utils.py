@@ -371,6 +371,40 @@ def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPretrainedCon
     )
 
 
+def _cache_contents(cache: ImplicitCache) -> str:
+    """What a cache holds, for error messages: '18 tokens for a batch of 2'."""
+    if cache.states is None:
+        return f"{cache.get_seq_length()} tokens (it is empty)"
+    return f"{cache.get_seq_length()} tokens for a batch of {cache.batch_size}"
+
+
+def _check_call_continues_cache(
+    cache: ImplicitCache | None, batch: int, seq_len: int, cache_position: torch.Tensor | None
+) -> None:
+    """The one check that a forward call's new tokens can follow what `cache` holds (both families, `forward` and
+    every step of `generate`): the cached batch size, and `cache_position` (when given) numbering the new tokens right
+    after the cached ones. Raises `ValueError` saying what the cache holds and what the call gave. (The attention mask
+    is checked against the cache's length in `_validated_mask`.)"""
+    past_len = 0 if cache is None else cache.get_seq_length()
+    if cache is not None and cache.states is not None and cache.batch_size != batch:
+        raise ValueError(
+            f"The cache holds {_cache_contents(cache)}, but this call gives {seq_len} new tokens for a batch of "
+            f"{batch}. Continue the cached sequences with inputs of batch size {cache.batch_size}, or pass no cache "
+            "(or a fresh one) to start a new batch."
+        )
+    if cache_position is not None:
+        positions = cache_position.reshape(-1)
+        first = int(positions[0]) if positions.numel() else None
+        if positions.numel() != seq_len or first != past_len:
+            given = f"{positions.numel()} positions starting at {first}" if positions.numel() else "no positions"
+            held = f"the cache holds {_cache_contents(cache)}" if cache is not None else "no cache is passed"
+            raise ValueError(
+                f"cache_position gives {given}, but {held} and this call gives {seq_len} new tokens, which are "
+                f"positions {past_len} to {past_len + seq_len - 1}. A call continues what its cache holds: a new prompt "
+                "needs no cache (or a fresh one)."
+            )
+
+
 def _validated_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, past_len: int) -> torch.Tensor | None:
     """The `(batch, past_len + seq_len)` 0/1 mask covering cached and new tokens, or None (no padding)."""
     if attention_mask is None:
@@ -380,12 +414,15 @@ def _validated_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: in
     length = attention_mask.shape[1]
     if length == seq_len and past_len > 0:
         raise ValueError(
-            f"attention_mask covers only the {seq_len} new tokens but the cache holds {past_len}; pass the mask of "
-            f"the whole sequence, shape ({batch}, {past_len + seq_len})."
+            f"attention_mask covers only the {seq_len} new tokens, but the cache holds {past_len} tokens: to continue "
+            f"the cached sequences pass the mask of the whole sequence, shape ({batch}, {past_len + seq_len}); for a "
+            "new prompt, pass no cache (or a fresh one)."
         )
     if length != past_len + seq_len:
+        cached = f"the cache holds {past_len} tokens" if past_len else "nothing is cached"
         raise ValueError(
-            f"attention_mask has length {length}; expected {past_len + seq_len} (cached {past_len} + new {seq_len})."
+            f"attention_mask has length {length}, but {cached} and this call gives {seq_len} new tokens: expected "
+            f"length {past_len + seq_len} (cached {past_len} + new {seq_len})."
         )
     if bool(attention_mask.all()):
         return None
@@ -406,7 +443,8 @@ class SolvedStack:
 class FixedPointCall:
     """One forward call of an implicit backbone, resolved once: its solver settings (`config`, the model's or a
     validated copy with the call's `solver_overrides`), its cache, the committed length `past_len`, the validated
-    `attention_mask` and the `mode` (`solve_mode`). A family's `forward` makes one, embeds and injects the input,
+    `attention_mask` and the `mode` (`solve_mode`), after checking that the call continues what its cache holds
+    (batch size, `cache_position`, mask length). A family's `forward` makes one, embeds and injects the input,
     builds its stack inputs and calls the method of the mode, `simultaneous` or `sequential`; `output` packs the
     result. The fixed-point map of the call is `function`.
     """
@@ -422,6 +460,7 @@ class FixedPointCall:
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         solver_overrides: dict[str, Any] | None = None,
+        cache_position: torch.Tensor | None = None,
     ):
         backbone.validate_inputs(input_ids, inputs_embeds)
         if cache is not None and not isinstance(cache, ImplicitCache):
@@ -436,6 +475,7 @@ class FixedPointCall:
         self.mode = solve_mode(self.training, cache is not None, self.seq_len, self.config)
         self.use_cache = not self.training and (backbone.config.use_cache if use_cache is None else use_cache)
         self.cache = backbone.make_cache() if cache is None and self.use_cache else cache
+        _check_call_continues_cache(self.cache, batch, self.seq_len, cache_position)
         self.past_len = 0 if self.cache is None else self.cache.get_seq_length()
         if self.cache is not None:
             self.cache.reserve(self.seq_len)
@@ -695,6 +735,38 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             module.init_weights()
 
 
+def _check_prompt_extends_cache(cache: ImplicitCache, input_ids: torch.LongTensor, kwargs: dict[str, Any]) -> None:
+    """`generate(prompt, past_key_values=cache)` with a cache that already holds tokens: generate() feeds the first
+    forward only the prompt's tokens after the cached ones, so the prompt must be the whole sequence so far (the
+    cached tokens, then new ones). A prompt no longer than the cache would be cut to nothing, or to a tail that does
+    not follow the cached tokens, and generation would silently run on the wrong context: raise instead.
+
+    How many new tokens generate() found, by what the installed transformers hands over: `next_sequence_length` (the
+    prompt's length minus the cache's; None when only the new tokens were passed, with a mask covering the whole
+    sequence: `forward` checks that mask), else `cache_position` (older releases: the positions after the cached ones,
+    none when the prompt does not extend the cache), else, in a chunked prefill, `position_ids` of the chunk that
+    stop short of it (the chunk lies beyond the prompt's end)."""
+    past = cache.get_seq_length()
+    if kwargs.get("next_sequence_length") is not None:
+        new_tokens = kwargs["next_sequence_length"]
+        given = f"a prompt of {past + new_tokens} tokens"
+    elif kwargs.get("cache_position") is not None:
+        new_tokens = kwargs["cache_position"].shape[-1]
+        given = f"a prompt of {input_ids.shape[1]} tokens"
+    elif kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] < input_ids.shape[-1]:
+        new_tokens, given = 0, "a prompt that ends before the cached tokens do"
+    else:
+        return
+    if new_tokens > 0:
+        return
+    raise ValueError(
+        f"generate() got a cache that holds {_cache_contents(cache)} and {given}, which does not extend them: "
+        "with a cache, generate() runs only the tokens after the cached ones. To continue the cached sequences, pass "
+        f"the whole sequence so far (the {past} cached tokens, then the new ones, e.g. `output.sequences`); for a new "
+        "prompt, pass no cache (or a fresh one)."
+    )
+
+
 class ImplicitCausalLMMixin(RecurrentGenerationMixin):
     """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs: the backbone (`backbone_class`, under
     `base_model_prefix`) and a bias-free `lm_head`, tied to the input embeddings by the family's `_tied_weights_keys`.
@@ -721,6 +793,9 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         self.lm_head = new_embeddings
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        cache = kwargs.get(CACHE_NAME)
+        if isinstance(cache, ImplicitCache) and cache.get_seq_length() > 0:
+            _check_prompt_extends_cache(cache, input_ids, kwargs)
         # generate() builds no cache for us (see compat); give its first forward an empty one, so that the prompt is
         # solved as a prefill (`prefill_mode`), not as a plain forward (`inference_mode`). It is built here, after
         # the inputs were expanded for beams and `num_return_sequences`, and generate() carries it on from the outputs.
@@ -756,7 +831,10 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         solver_overrides: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> ImplicitCausalLMOutput | tuple:
-        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument."""
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument. A
+        `cache_position` keyword (older transformers' generate passes one) must number the new tokens right after the
+        cached ones; it is checked, not otherwise used."""
+        cache_position = kwargs.pop("cache_position", None)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -769,6 +847,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
             return_dict=True,
             solver_overrides=solver_overrides,
             **({} if noise_generator is None else {"noise_generator": noise_generator}),
+            **({} if cache_position is None else {"cache_position": cache_position}),
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 
-from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require
+from .configuration_implicit import (
+    ImplicitPretrainedConfig,
+    _is_number,
+    _positive_int,
+    _require,
+    _require_number,
+    _require_pair,
+)
 
 NOISE_MODES = ("additive", "multiplicative")
 
@@ -106,15 +113,23 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
             self.n_groups,
             f"a divisor of the number of heads ({self.num_heads})",
         )
-        _require(0 < self.time_step_min <= self.time_step_max, "time_step_min", self.time_step_min, "in (0, time_step_max]")
-        limit = tuple(self.time_step_limit)
-        _require(len(limit) == 2 and 0 <= limit[0] < limit[1], "time_step_limit", self.time_step_limit, "(low, high) with 0 <= low < high")
+        for name in ("use_bias", "use_conv_bias", "rescale_prenorm_residual"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        _require_number("time_step_max", self.time_step_max, lambda v: math.isfinite(v) and v > 0, "finite and > 0")
+        _require_number(
+            "time_step_min", self.time_step_min, lambda v: 0 < v <= self.time_step_max, "in (0, time_step_max]"
+        )
+        _require_number("time_step_floor", self.time_step_floor, lambda v: math.isfinite(v) and v >= 0,
+                        "finite and >= 0")
+        _require_pair("time_step_limit", self.time_step_limit, lambda low, high: 0 <= low < high, "0 <= low < high")
         for name in ("latent_noise_db", "state_noise_db"):
             value = getattr(self, name)
             _require(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                _is_number(value) and math.isfinite(value),
                 name, value, "a finite number of dB (0 or less: no noise)",
             )
         _require(self.noise_mode in NOISE_MODES, "noise_mode", self.noise_mode, f"one of {NOISE_MODES}")
-        a_range = tuple(self.A_init_range)
-        _require(len(a_range) == 2 and 0 < a_range[0] <= a_range[1], "A_init_range", self.A_init_range, "(low, high) with 0 < low <= high")
+        _require_pair(
+            "A_init_range", self.A_init_range, lambda low, high: 0 < low <= high and math.isfinite(high),
+            "0 < low <= high, finite",
+        )

@@ -307,7 +307,8 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         the sequence. Mamba2 has no positions and no attention maps: `position_ids` and `output_attentions` are
         accepted and ignored."""
         call = FixedPointCall(self, input_ids, inputs_embeds, attention_mask, cache_argument(cache, past_key_values),
-                              use_cache, output_hidden_states, output_attentions, solver_overrides)
+                              use_cache, output_hidden_states, output_attentions, solver_overrides,
+                              kwargs.get("cache_position"))
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         injection = self.inject(inputs_embeds)
