@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,8 +64,9 @@ def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "-m", "implicit_lm.training.finetune")
-    result = run(command(workspace, output, "--max-steps", 12, "--eval-data", workspace / "train.txt",
-                         "--eval-every", 6, "--eval-batches", 2, launcher=launcher), ACCELERATE_USE_CPU="true")
+    arguments = ("--max-steps", 12, "--eval-data", workspace / "train.txt", "--eval-every", 6, "--eval-batches", 2,
+                 "--save-every", 6)
+    result = run(command(workspace, output, *arguments, launcher=launcher), ACCELERATE_USE_CPU="true")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = log_lines(output)
     steps = [line for line in lines if "loss" in line]
@@ -83,6 +85,22 @@ def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
 
     trained = AutoModelForCausalLM.from_pretrained(output / "final", trust_remote_code=True)
     assert trained.config.max_iterations == 8  # the last phase's settings are saved
+
+    # The checkpoint holds the optimizer state once (DDP: the same on every process) and each process's RNG states.
+    assert sorted(path.name for path in (output / "checkpoint-6").iterdir()) == [
+        "model.safetensors", "optimizer.pt", "rng-0.json", "rng-1.json", "scheduler.json", "training_state.json"]
+    # Resumed by two processes from it (as if killed after step 6), the run ends with the same weights and log.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output / "checkpoint-6", resumed / "checkpoint-6")
+    shutil.copy(output / "train_log.jsonl", resumed / "train_log.jsonl")  # lines after step 6 are dropped
+    result = run(command(workspace, resumed, *arguments, "--resume", launcher=launcher), ACCELERATE_USE_CPU="true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    expected, actual = weights(output), weights(resumed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    untimed = [[{k: v for k, v in line.items() if k != "seconds"} for line in log_lines(folder)]
+               for folder in (output, resumed)]
+    assert untimed[0] == untimed[1]
 
 
 def test_killed_run_resumes_to_identical_weights(workspace, tmp_path):
@@ -141,6 +159,7 @@ def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monke
 
     # A checkpoint of another run (different batch layout) is refused on resume, naming the difference.
     main(command(workspace, tmp_path / "other", "--max-steps", 4, "--save-every", 2)[3:])
+    shutil.rmtree(tmp_path / "other" / "final")  # as if killed after its checkpoint (a finished run has nothing to do)
     message = error_of(*command(workspace, tmp_path / "other", "--max-steps", 4, "--batch-size", 3, "--resume"))
     assert "belongs to a different run" in message and "batch_size: checkpoint 2, now 3" in message
     assert "pass --resume" in error_of(*command(workspace, tmp_path / "other", "--max-steps", 4))

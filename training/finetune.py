@@ -2,7 +2,8 @@
 
     accelerate launch [--num_processes N] [--config_file training/accelerate_ddp.yaml] -m training.finetune \\
         --model DIR --data train.jsonl --seq-len 512 --batch-size 8 --max-steps 1000 --output-dir runs/my-run \\
-        [--curriculum paper|none|FILE] [--eval-data val.jsonl --eval-every 100] [--save-every 100] [--resume]
+        [--curriculum paper|none|FILE] [--eval-data val.jsonl --eval-every 100] [--save-every 100] \\
+        [--resume | --overwrite]
 
 (`implicit-lm finetune ...` runs the same thing in one process. Several processes on a machine without GPUs:
 `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m training.finetune ...`; accelerate's own
@@ -23,11 +24,18 @@
   to the model config at phase boundaries. `paper` is the two-phase (4+1) -> (24+4) Mamba2 / (32+4) Llama recipe.
 - Logs: a tqdm bar on the main process and `train_log.jsonl` in the output folder, one line per optimizer step (loss,
   learning rate, gradient norm, phase, solver iterations and residuals) and one per evaluation.
-- Checkpoints: `--save-every N` writes `checkpoint-STEP/` (accelerate state: model, optimizer, scheduler, RNG of
-  every process; plus the step, data position and curriculum) into a temporary folder renamed when complete.
-  `--resume` continues from the newest complete checkpoint in the output folder; a run killed at any point and
-  resumed ends with the same weights as an uninterrupted one (bitwise on CPU with fixed seeds). A checkpoint from
-  another model, data, curriculum or batch layout is refused before any work.
+- Output folder: a folder holding an earlier run (`final/`, `train_log.jsonl` or checkpoints) is refused unless
+  `--resume` continues it (a finished one has nothing left to do) or `--overwrite` starts afresh, deleting those and
+  nothing else in the folder. What runs killed while saving left half-written is removed when the next run starts.
+- Checkpoints: `--save-every N` writes `checkpoint-STEP/`: `model.safetensors` (the full weights), `optimizer.pt`
+  (under FSDP each process's `optimizer-RANK.pt`), `scheduler.json`, `scaler.json` (fp16 only), `rng-RANK.json` (every
+  process's random states) and, last, `training_state.json` (the step, which fixes the data position and curriculum
+  phase, the run's fingerprint, and each file's size), into a hidden folder renamed when complete. Nothing in it is
+  unpickled: the optimizer state loads with `torch.load(weights_only=True)`, and a checkpoint holding any other file
+  is refused. `--resume` continues from the newest checkpoint that is complete and intact (a damaged newer one is
+  reported and skipped); a run killed at any point and resumed ends with the same weights as an uninterrupted one
+  (bitwise on CPU with fixed seeds). A checkpoint from another model, data, curriculum or batch layout is refused
+  before any work.
 - Result: `final/`, a Hub-layout folder with remote code (and the tokenizer), loadable with
   `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
 """
@@ -49,9 +57,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from implicit_lm.files import atomic_output, atomic_write, check_apart, foreign_entries
 from modeling_implicit import IMPLICIT_MODEL_TYPES
 from modeling_implicit.compat import enable_activation_checkpointing
 
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_folders,
+    foreign_checkpoint_entries,
+    load_model_weights,
+    main_process_pid,
+    newest_usable_checkpoint,
+    remove_stale_staging,
+    restore_training_state,
+    save_checkpoint,
+)
 from .curriculum import Curriculum, CurriculumError, resolve_curriculum
 from .data import (
     EVAL_SEED_OFFSET,
@@ -66,7 +86,6 @@ from .schedule import make_scheduler
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.json"
 LOG_FILE = "train_log.jsonl"
 # Arguments that must match for a resume to continue the same run (the rest, e.g. --save-every, may change).
 RESUME_ARGUMENTS = (
@@ -118,7 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=8, help="micro-batches per evaluation (default 8)")
     parser.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    continuation = parser.add_mutually_exclusive_group()
+    continuation.add_argument("--resume", action="store_true",
+                              help="continue the run in --output-dir from its newest usable checkpoint")
+    continuation.add_argument("--overwrite", action="store_true",
+                              help="start afresh in an --output-dir holding an earlier run, deleting its checkpoints, "
+                                   "train_log.jsonl and final/ (nothing else)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--compile", action="store_true",
                         help="compile the model's forward with torch.compile (inductor) before training: about 2x "
@@ -227,11 +251,11 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint {saved!r}, now {current!r}"]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (partial ones, still being written when a run died, are
-    hidden folders and never match)."""
-    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def earlier_run(output_dir: Path) -> list[Path]:
+    """What a run wrote in `output_dir`: its checkpoints, `train_log.jsonl` and `final/` (what `--overwrite`
+    deletes)."""
+    written = [output_dir / LOG_FILE, output_dir / "final"]
+    return checkpoint_folders(output_dir)[::-1] + [path for path in written if path.exists()]
 
 
 def solver_summary(stats: list[Any]) -> dict[str, float]:
@@ -249,15 +273,40 @@ def solver_summary(stats: list[Any]) -> dict[str, float]:
     }
 
 
-class RunLog:
-    """`train_log.jsonl` on the main process; on resume, lines after the resumed step are dropped so the log of a
-    resumed run equals an uninterrupted one's."""
+def read_log(path: Path, step: int) -> list[str]:
+    """The lines of the run log `path` up to optimizer step `step` (the resumed checkpoint's), so that the log of a
+    resumed run equals an uninterrupted one's. A last line cut short (the run was killed while writing it) is dropped
+    with a warning; any other line that is not a record is an error naming it."""
+    if step == 0 or not path.is_file():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                logger.warning("%s: dropped its last line, cut short when the run writing it was killed", path)
+                break
+            raise TrainingError(f"{path}, line {number}: not JSON ({error}); mend or delete that line, or start "
+                                "afresh with --overwrite") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise TrainingError(f"{path}, line {number}: not a log record (no step); mend or delete that line, or "
+                                "start afresh with --overwrite")
+        if record["step"] <= step:
+            kept.append(line)
+    return kept
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
+
+class RunLog:
+    """`train_log.jsonl` on the main process: it starts as `kept` (the resumed run's lines, `read_log`; none for a new
+    run), rewritten atomically, and gets a line per `write`."""
+
+    def __init__(self, path: Path, enabled: bool, kept: list[str]):
         self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if enabled:
+            atomic_write(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -270,14 +319,14 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return train(args)
-    except (TrainingError, DataError, CurriculumError) as error:
+    except (TrainingError, DataError, CurriculumError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -288,6 +337,35 @@ def train(args: argparse.Namespace) -> Path:
             "without GPUs, set ACCELERATE_USE_CPU=true (ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "--num_processes N ...)"
         )
+    if (args.save_every or args.resume) and accelerator.distributed_type in (DistributedType.DEEPSPEED,
+                                                                              DistributedType.MEGATRON_LM):
+        # Their engines own the optimizer state, which these checkpoints save and restore.
+        raise TrainingError(f"--save-every and --resume support one process, DDP and FSDP, not "
+                            f"{accelerator.distributed_type.value}")
+    try:  # --overwrite would delete an input inside the folder, and a run inside a model folder would mix into it
+        tokenizer = args.tokenizer if args.tokenizer and Path(args.tokenizer).exists() else None  # else a Hub id
+        check_apart(args.output_dir, {"--model": args.model, "--tokenizer": tokenizer})
+    except ValueError as error:
+        raise TrainingError(f"--output-dir: {error}") from None
+    if accelerator.is_main_process:
+        remove_stale_staging(args.output_dir)  # before looking for a finished run: it may restore a parked final/
+    accelerator.wait_for_everyone()
+    final = args.output_dir / "final"
+    earlier = earlier_run(args.output_dir)
+    if earlier and not (args.resume or args.overwrite):
+        names = ", ".join(path.name + "/" * path.is_dir() for path in earlier)
+        raise TrainingError(f"{args.output_dir} holds an earlier run ({names}): pass --resume to continue it, "
+                            "--overwrite to start afresh (deleting those), or choose another --output-dir")
+    if args.resume and final.is_dir():
+        logger.info("%s is there: the run has finished, nothing to do (to train further, start a new run from it: "
+                    "--model %s)", final, final)
+        return final
+    if args.overwrite:
+        for folder, foreign in [(final, foreign_entries(final) if final.is_dir() else []),
+                                *((path, foreign_checkpoint_entries(path)) for path in checkpoint_folders(args.output_dir))]:
+            if foreign:
+                raise TrainingError(f"--overwrite would delete {folder}, which holds what a run does not write there: "
+                                    f"{', '.join(foreign[:8])}. Move those out first, or choose another --output-dir")
     set_seed(args.seed)
     # Everything that can be wrong is checked before the first step.
     model, tokenizer = load_model_and_tokenizer(args)
@@ -300,18 +378,21 @@ def train(args: argparse.Namespace) -> Path:
         eval_stream = make_stream(args.eval_data, args.eval_seq_len or args.seq_len, args.seed + EVAL_SEED_OFFSET,
                                   model, tokenizer, args, *layout)
     fingerprint = run_fingerprint(args, model, curriculum, accelerator.num_processes)
-    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and resume_from is None:
-        logger.info("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
-    start_step = 0
-    if resume_from is not None:
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        differences = _differences(state["fingerprint"], json.loads(json.dumps(fingerprint)))
-        if differences:
-            raise TrainingError(f"{resume_from} belongs to a different run:\n  " + "\n  ".join(differences))
-        start_step = state["step"]
-    elif args.output_dir.exists() and latest_checkpoint(args.output_dir) is not None:
-        raise TrainingError(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume, or another folder")
+    resume_from, start_step = None, 0
+    if args.resume:
+        try:
+            found = newest_usable_checkpoint(args.output_dir)
+        except CheckpointError as error:
+            raise TrainingError(f"{error}\n--overwrite starts the run afresh") from None
+        if found is None:
+            logger.info("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
+        else:
+            resume_from, state = found
+            differences = _differences(state["fingerprint"], json.loads(json.dumps(fingerprint)))
+            if differences:
+                raise TrainingError(f"{resume_from} belongs to a different run:\n  " + "\n  ".join(differences))
+            start_step = state["step"]
+    kept_log = read_log(args.output_dir / LOG_FILE, start_step)
 
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -325,17 +406,25 @@ def train(args: argparse.Namespace) -> Path:
                                   betas=args.adam_betas)
     scheduler = make_scheduler(optimizer, total_steps=args.max_steps, warmup_steps=args.warmup_steps,
                                decay_start=round(args.decay_start * args.max_steps), min_lr=args.min_lr)
-    # The scheduler is not prepared: accelerate would step it once per process per optimizer step. Registered, it is
-    # still saved and restored with the checkpoints.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if resume_from is not None:
-        accelerator.load_state(resume_from)
+        load_model_weights(model, resume_from)  # unwrapped, before FSDP shards it
+    # The scheduler is not prepared: accelerate would step it once per process per optimizer step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:
+        restore_training_state(resume_from, state, accelerator, optimizer, scheduler)
         logger.info("Resumed from %s (step %d)", resume_from, start_step)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
+        for path in earlier_run(args.output_dir) if args.overwrite else []:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            logger.info("--overwrite: deleted %s", path)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
         logger.info("Curriculum:\n%s", plan)
-    log = RunLog(args.output_dir / LOG_FILE, accelerator.is_main_process, start_step)
+    accelerator.wait_for_everyone()
+    owner = main_process_pid(accelerator)
+    log = RunLog(args.output_dir / LOG_FILE, accelerator.is_main_process, kept_log)
 
     phase = None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
@@ -378,7 +467,8 @@ def train(args: argparse.Namespace) -> Path:
         if eval_stream is not None and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
             log.write({"step": done, **evaluate(model, eval_stream, args.eval_batches, accelerator)})
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            save_checkpoint(accelerator, args, done, fingerprint)
+            save_checkpoint(accelerator, model, optimizer, scheduler, args.output_dir, done, fingerprint,
+                            args.keep_checkpoints, owner)
     progress.close()
     return save_final(accelerator, model, tokenizer, args, curriculum.overrides(len(curriculum.phases) - 1))
 
@@ -434,36 +524,12 @@ def evaluate(model: torch.nn.Module, stream: RowStream | SyntheticStream, batche
     return result
 
 
-def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int, fingerprint: dict[str, Any]) -> None:
-    """Write `checkpoint-STEP` atomically: every process saves into a hidden staging folder, the main process adds
-    the run state and renames it; only then are older checkpoints pruned."""
-    final = args.output_dir / f"checkpoint-{step}"
-    staging = args.output_dir / f".checkpoint-{step}.partial"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)  # left by a run killed while saving
-    accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}, indent=1))
-        staging.rename(final)
-        checkpoints = sorted(
-            (p for p in args.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in checkpoints[: -args.keep_checkpoints]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_final(accelerator: Any, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
                final_settings: dict[str, Any]) -> Path:
     """The trained model as a Hub-layout folder (`final/`, remote code included; a LoRA adapter merged into the
     weights, and also saved on its own in `final/adapter/`), written atomically, its config recording the solver
     settings training ended with (`final_settings`, the last phase's). The full state dict is gathered on every
     process first (FSDP shards it)."""
-    from implicit_lm.files import atomic_output
-
     destination = args.output_dir / "final"
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:

@@ -230,6 +230,7 @@ def stage_command(spec: ModelSpec, index: int, model_dir: Path, group: str, batc
         "--weight-decay", "0", "--max-grad-norm", "1.0",
         "--curriculum", str(curriculum_path), "--eval-every", str(max(stage.steps // 4, 1)), "--eval-batches", "2",
         "--seed", str(spec.seed), "--output-dir", str(output), *(("--compile",) if spec.compiled else ()),
+        "--resume",  # a stage interrupted before its final/ starts again; the folder holds its earlier log
     )
     return command, output
 

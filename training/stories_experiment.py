@@ -88,6 +88,7 @@ def train_model(spec: StoryModel, args: argparse.Namespace, threads: int) -> flo
         "--warmup-steps", str(min(50, args.steps // 2)), "--curriculum", curriculum,
         "--eval-every", str(max(args.steps // 4, 1)), "--eval-batches", "4", "--seed", str(args.seed),
         "--output-dir", str(model_dir / "train"),
+        "--resume",  # a run interrupted before its final/ starts again; the folder holds its earlier log
     )
     return run_logged(command, model_dir / "train.log", threads, done=model_dir / "train" / "final" / "config.json")
 
