@@ -193,9 +193,8 @@ def prepare_command(args: argparse.Namespace) -> None:
     check_dtype(args.dtype)
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise ConversionError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
-    tokenizer = args.tokenizer if args.tokenizer and Path(args.tokenizer).exists() else None  # else a Hub id
     try:
-        check_apart(args.dst, {"--src": args.src, "--tokenizer": tokenizer})
+        check_apart(args.dst, {"--src": args.src, "--tokenizer": args.tokenizer})
     except ValueError as error:
         raise ConversionError(f"--dst: {error}") from error
     check_destination(args.dst, folder=True, overwrite=args.overwrite)

@@ -77,10 +77,10 @@ def foreign_entries(folder: Path) -> list[str]:
 
 def check_apart(destination: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
     """Raise `ValueError` if `destination` is, contains or lies inside one of `inputs` (`{option name: path}`): writing
-    it would replace or delete that input."""
+    it would replace or delete that input. Inputs that are None or name no existing path (a Hub id) are skipped."""
     target = Path(destination).resolve()
     for name, source in inputs.items():
-        if source is None:
+        if source is None or not Path(source).exists():
             continue
         source = Path(source).resolve()
         if target == source:
@@ -160,13 +160,14 @@ def check_destination(destination: str | os.PathLike, *, folder: bool, overwrite
         )
 
 
-def _usual_permissions(folder: Path) -> None:
-    """Files 0666 and folders 0777 less the umask, under `folder`: some writers (temporary files renamed into place,
-    e.g. transformers' safetensors) leave 0600, which other users of a shared machine cannot read."""
+def give_usual_permissions(path: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, for `path` and, for a folder, everything in it: some writers
+    (`mkstemp`, `mkdtemp`, temporary files renamed into place such as transformers' and safetensors' weights) leave
+    0600/0700, which other users of a shared machine cannot read."""
     mask = _umask()
-    for path in folder.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    for item in (path, *(path.rglob("*") if path.is_dir() else ())):
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -183,12 +184,11 @@ def atomic_output(destination: str | os.PathLike, *, folder: bool = False, overw
     prefix = f".{destination.name}.partial-{os.getpid()}-"
     if folder:
         staging = Path(tempfile.mkdtemp(prefix=prefix, dir=destination.parent))
-        os.chmod(staging, 0o777 & ~_umask())
     else:
         handle, name = tempfile.mkstemp(prefix=prefix, suffix=destination.suffix, dir=destination.parent)
         os.close(handle)
         staging = Path(name)
-        os.chmod(staging, 0o666 & ~_umask())
+    give_usual_permissions(staging)
     try:
         yield staging
     except BaseException:
@@ -200,7 +200,7 @@ def atomic_output(destination: str | os.PathLike, *, folder: bool = False, overw
     if not folder:
         os.replace(staging, destination)  # atomic for a file, also over an existing one
         return
-    _usual_permissions(staging)
+    give_usual_permissions(staging)  # what was written into it
     backup = None
     if destination.exists():
         backup = destination.parent / f".{destination.name}.replaced-{os.getpid()}"

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from implicit_lm.files import remove_stale_partials
+from implicit_lm.files import give_usual_permissions, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +255,7 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
             seen[key] = name
             tensors[name] = tensor.contiguous()
     save_file(tensors, path, metadata={"aliases": json.dumps(aliases)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; the other files get the usual mode
+    give_usual_permissions(path)  # safetensors writes 0600; the other files get the usual mode
 
 
 def _rng_state() -> dict[str, Any]:

@@ -343,9 +343,8 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(f"--save-every and --resume support one process, DDP and FSDP, not "
                             f"{accelerator.distributed_type.value}")
     try:  # --overwrite would delete an input inside the folder, and a run inside a model folder would mix into it
-        tokenizer = args.tokenizer if args.tokenizer and Path(args.tokenizer).exists() else None  # else a Hub id
         model = args.model if args.model and (args.model / "config.json").is_file() else None  # else refused below
-        check_apart(args.output_dir, {"--model": model, "--tokenizer": tokenizer})
+        check_apart(args.output_dir, {"--model": model, "--tokenizer": args.tokenizer})
     except ValueError as error:
         raise TrainingError(f"--output-dir: {error}") from None
     if accelerator.is_main_process:
