@@ -1,6 +1,7 @@
 """Implicit Llama: a stack of Llama-3-style blocks iterated to a fixed point, as a transformers causal LM.
 
-f(z, x) = norm(blocks(z, u)), u = injection(RMSNorm(embed(x))) added to every block's query/key/value projections
+f(z, x) = norm(blocks(z, u)), u = injection(embed(x)) (the injection holds its own RMSNorm, then a Linear) added to
+every block's query/key/value projections
 (`Attn(z W_qkv + x W_inp)`, before the rotary embedding). With `implicit=False` the same modules give the explicit
 Llama (weights and outputs interchangeable with transformers' `LlamaForCausalLM`).
 
@@ -233,7 +234,8 @@ class ImplicitLlamaAttention(nn.Module):
 
 
 class ImplicitLlamaDecoderLayer(ImplicitLayer):
-    """Pre-norm block: `z + attn(norm(z), injection)`, then `z + mlp(norm(z))`."""
+    """Pre-norm block: `h = z + attn(norm(z), injection)`, then `h + mlp(norm(h))` (the MLP reads the stream after
+    attention)."""
 
     def __init__(self, config: ImplicitLlamaConfig, layer_idx: int):
         super().__init__(config)

@@ -209,3 +209,14 @@ def verify_in_process(request, monkeypatch):
         return export.verification_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)))
 
     monkeypatch.setattr(export, "_reload_logits", reload_here)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out `slow` tests unless the `-m` expression names them, so that `-m "not e2e"` (the fast lane) does not
+    bring them back the way a second `-m` replaces an `addopts` one."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

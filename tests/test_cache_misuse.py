@@ -65,7 +65,8 @@ def test_forward_refuses_a_mask_or_cache_position_that_does_not_follow_the_cache
     cache = cache_of(model, ids(1, 18))
     new = ids(1, 13, seed=1)
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"cache_position gives 13 positions starting at 0, but the cache holds 18"):
+        with pytest.raises(ValueError,
+                           match=r"cache_position gives 13 positions starting at 0, but the cache holds 18"):
             model(new, past_key_values=cache, cache_position=torch.arange(13))
         with pytest.raises(ValueError, match=r"covers only the 13 new tokens, but the cache holds 18"):
             model(new, past_key_values=cache, attention_mask=torch.ones(1, 13, dtype=torch.long))

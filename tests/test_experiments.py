@@ -10,6 +10,9 @@ import torch
 from implicit_lm.model_cards import validate_model_card
 
 
+pytestmark = pytest.mark.e2e  # each trains and evaluates whole (toy-sized) experiments
+
+
 def stage_steps(log_path) -> list[int]:
     return [record["step"] for record in map(json.loads, log_path.read_text().splitlines()) if "loss" in record]
 

@@ -86,6 +86,7 @@ def test_overwrite_replaces_only_a_folder_this_package_wrote(source, tmp_path, c
     assert (ours / "config.json").is_file()
 
 
+@pytest.mark.e2e  # real processes, killed or launched by accelerate
 def test_a_killed_conversion_leaves_staging_that_the_next_run_removes(source, tmp_path):
     """A real conversion process, killed with SIGKILL while its output is being verified (in a fresh interpreter,
     several seconds), leaves its staging folder; the next conversion to the same place removes it and says so."""

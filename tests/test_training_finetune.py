@@ -57,6 +57,7 @@ def weights(output):
     return load_file(output / "final" / "model.safetensors")
 
 
+@pytest.mark.e2e  # real processes, killed or launched by accelerate
 def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
     output = tmp_path / "run"
     # accelerate's `--cpu` starts one process (several need an MPI host file); `--multi_gpu` with ACCELERATE_USE_CPU
@@ -103,6 +104,7 @@ def test_two_processes_both_phases_loss_falls(workspace, tmp_path):
     assert untimed[0] == untimed[1]
 
 
+@pytest.mark.e2e  # real processes, killed or launched by accelerate
 def test_killed_run_resumes_to_identical_weights(workspace, tmp_path):
     steps = 30
     reference = tmp_path / "uninterrupted"

@@ -243,6 +243,7 @@ def test_staging_left_by_killed_runs_is_removed_when_a_run_starts(model_dir, tmp
         assert f"Removed {folder}, left by a killed run" in caplog.text
 
 
+@pytest.mark.e2e  # real processes, killed or launched by accelerate
 def test_a_run_killed_while_saving_leaves_nothing_behind_once_resumed(model_dir, tmp_path):
     """A real SIGKILL while a checkpoint is half-written (`--save-every 1`), then `--resume`: the staging is removed
     and the run ends as an uninterrupted one."""

@@ -154,8 +154,9 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         prefill_mode (`str`, defaults to `"simultaneous"`): how a multi-token forward that fills a cache (the prompt
             of `generate`) is solved. Single-token steps with a cache are always sequential.
         warm_start (`bool`, defaults to `False`): in sequential mode, start each token's solve from the previous
-            token's fixed point (kept in the cache) instead of zeros. Same fixed point within `tolerance`, usually in
-            fewer iterations.
+            token's fixed point (kept in the cache) instead of zeros. Same fixed point within `tolerance` on a
+            contraction, but measured 11-32% more iterations than from zeros (docs/BENCHMARKS.md): a token's first
+            evaluation from zero is already dominated by its own injected input.
         convergence_check_interval (`int`, defaults to 1): test convergence on the host every this many iterations.
             Each test synchronises the host with the device; samples that converge in between are frozen on the
             device all the same, so outputs and statistics do not depend on it (at most `interval - 1` evaluations

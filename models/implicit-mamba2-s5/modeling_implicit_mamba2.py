@@ -1,6 +1,7 @@
 """Implicit Mamba2: a stack of Mamba2 blocks iterated to a fixed point, as a transformers causal LM.
 
-f(z, x) = norm_f(blocks(z, u)), u = injection(RMSNorm(embed(x))) added to every block's in-projection output.
+f(z, x) = norm_f(blocks(z, u)), u = injection(embed(x)) (the injection holds its own RMSNorm, then a Linear) added to
+every block's in-projection output.
 With `implicit=False` the same modules give the explicit Mamba2: no injection, one pass from the embeddings.
 """
 

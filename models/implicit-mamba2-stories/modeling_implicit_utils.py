@@ -400,8 +400,8 @@ def _check_call_continues_cache(
             held = f"the cache holds {_cache_contents(cache)}" if cache is not None else "no cache is passed"
             raise ValueError(
                 f"cache_position gives {given}, but {held} and this call gives {seq_len} new tokens, which are "
-                f"positions {past_len} to {past_len + seq_len - 1}. A call continues what its cache holds: a new prompt "
-                "needs no cache (or a fresh one)."
+                f"positions {past_len} to {past_len + seq_len - 1}. A call continues what its cache holds: a new "
+                "prompt needs no cache (or a fresh one)."
             )
 
 

@@ -64,7 +64,8 @@ class SolverSettings:
         )
 
 
-# Which loop each `stop_rule` runs at inference, per mode (see `_iterate_reference_global` / `_best_per_sample`).
+# Which loop each `stop_rule` runs at inference, per mode (see `_iterate_global_then_undamped` /
+# `_iterate_best_per_sample`).
 REFERENCE_LOOPS = {
     "per_sample": {"simultaneous": "per_sample", "sequential": "per_sample"},
     # microsoft/implicit_languagemodels: its own loop (not torchdeq's solver) for every inference forward.
@@ -271,8 +272,8 @@ def solver_iteration(
 ) -> SolveState:
     """Evaluate `f` once and advance `state` (spent: see `SolveState`), without synchronising with the host.
 
-    `all_active` (known from the last synchronisation) lets the caller skip the per-sample selection of `out` and
-    `aux` when no sample has stopped yet. Samples that stopped keep their `out`, `aux` and statistics.
+    `all_active` (known from the last synchronisation) lets the caller skip the per-sample selection of `aux` when no
+    sample has stopped yet (`out` is always selected). Samples that stopped keep their `out`, `aux` and statistics.
     """
     fz, step_aux = fn(state.z)
     aux = step_aux if all_active or state.aux is None else _batch_where(state.active, step_aux, state.aux)
