@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .solver import FixedPointResult, SolverSettings, SolveState, run_in_chunks, solver_iteration
+from .solver import FixedPointResult, SolverSettings, SolveState, make_update, run_in_chunks, solver_iteration
 
 # Graphs kept per model; each holds its static buffers (a few copies of the committed states).
 _CAPACITY = 2
@@ -72,7 +72,8 @@ class _TokenGraph:
         self.states = _static_copy(states)
         self.fn = make_fn(self.injection, self.stack_inputs, self.states)
         # One eager iteration gives the static solver state its shapes (out, aux); each token resets it.
-        self.state = solver_iteration(self.fn, SolveState.start(start.clone()), settings)
+        self.update = make_update(settings)  # Picard only (`use_decode_graphs`): stateless, so one serves every token
+        self.state = solver_iteration(self.fn, SolveState.start(start.clone()), self.update)
         self.state = replace(
             self.state, **{f.name: _static_copy(getattr(self.state, f.name)) for f in fields(self.state)}
         )
@@ -83,7 +84,7 @@ class _TokenGraph:
     def _chunk(self, iterations: int) -> None:
         state = self.state
         for _ in range(iterations):
-            state = solver_iteration(self.fn, state, self.settings)
+            state = solver_iteration(self.fn, state, self.update)
         for f in fields(state):
             _copy_into(getattr(self.state, f.name), getattr(state, f.name))
 

@@ -64,8 +64,7 @@ class SolverSettings:
         )
 
 
-# Which loop each `stop_rule` runs at inference, per mode (see `_iterate_global_then_undamped` /
-# `_iterate_best_per_sample`).
+# Which loop (`LOOPS`) each `stop_rule` runs at inference, per mode.
 REFERENCE_LOOPS = {
     "per_sample": {"simultaneous": "per_sample", "sequential": "per_sample"},
     # microsoft/implicit_languagemodels: its own loop (not torchdeq's solver) for every inference forward.
@@ -263,25 +262,53 @@ def _picard_update_fused(state: SolveState, fz: torch.Tensor, damping: float, to
     return picard_update_triton(replace(state, step=state.step + 1), fz, damping, tolerance, stop_mode)
 
 
-def solver_iteration(
-    fn: FixedPointFunction,
-    state: SolveState,
-    settings: SolverSettings,
-    anderson: _Anderson | None = None,
-    all_active: bool = False,
-) -> SolveState:
-    """Evaluate `f` once and advance `state` (spent: see `SolveState`), without synchronising with the host.
+Update = Callable[[SolveState, torch.Tensor], SolveState]
+
+
+class _PicardUpdate:
+    """The damped fixed-point update `z + damping (f(z) - z)` (`picard_update`: fused where it can be). Stateless."""
+
+    def __init__(self, settings: SolverSettings):
+        self.damping, self.tolerance, self.stop_mode = settings.damping, settings.tolerance, settings.stop_mode
+
+    def __call__(self, state: SolveState, fz: torch.Tensor) -> SolveState:
+        return picard_update(state, fz, self.damping, self.tolerance, self.stop_mode)
+
+
+class _AndersonUpdate:
+    """Anderson acceleration over the last `anderson_memory` iterates (mixing weight `damping`). It keeps the history
+    of one solve: make a new one for each solve."""
+
+    def __init__(self, settings: SolverSettings):
+        self.mixer = _Anderson(settings.anderson_memory, settings.damping)
+        self.tolerance, self.stop_mode = settings.tolerance, settings.stop_mode
+
+    def __call__(self, state: SolveState, fz: torch.Tensor) -> SolveState:
+        return _advance(state, fz, self.mixer.step(state.z, fz), self.tolerance, self.stop_mode)
+
+
+# The solvers (the config's `solver`): name -> the update of one solve, built from the settings it reads.
+SOLVER_UPDATES: dict[str, Callable[[SolverSettings], Update]] = {
+    "picard": _PicardUpdate,
+    "anderson": _AndersonUpdate,
+}
+
+
+def make_update(settings: SolverSettings) -> Update:
+    """The update of one solve with `settings` (`SOLVER_UPDATES[settings.solver]`)."""
+    return SOLVER_UPDATES[settings.solver](settings)
+
+
+def solver_iteration(fn: FixedPointFunction, state: SolveState, update: Update, all_active: bool = False) -> SolveState:
+    """Evaluate `f` once and advance `state` (spent: see `SolveState`) with `update` (`make_update(settings)`, made once
+    per solve), without synchronising with the host.
 
     `all_active` (known from the last synchronisation) lets the caller skip the per-sample selection of `aux` when no
     sample has stopped yet (`out` is always selected). Samples that stopped keep their `out`, `aux` and statistics.
     """
     fz, step_aux = fn(state.z)
     aux = step_aux if all_active or state.aux is None else _batch_where(state.active, step_aux, state.aux)
-    if anderson is not None:
-        new = _advance(state, fz, anderson.step(state.z, fz), settings.tolerance, settings.stop_mode)
-    else:
-        new = picard_update(state, fz, settings.damping, settings.tolerance, settings.stop_mode)
-    return replace(new, aux=aux)
+    return replace(update(state, fz), aux=aux)
 
 
 def check_divergence(state: SolveState, diverged: bool) -> None:
@@ -316,14 +343,15 @@ def run_in_chunks(settings: SolverSettings, run_chunk: Callable[[int, bool], Sol
             return state
 
 
-def _iterate(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
+def _iterate_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
+    """Our loop: `settings.solver`'s update per sample, converged samples frozen (see the module docstring)."""
     state = SolveState.start(z0)
-    anderson = _Anderson(settings.anderson_memory, settings.damping) if settings.solver == "anderson" else None
+    update = make_update(settings)
 
     def run_chunk(iterations: int, all_active: bool) -> SolveState:
         nonlocal state
         for index in range(iterations):
-            state = solver_iteration(fn, state, settings, anderson, all_active=all_active and index == 0)
+            state = solver_iteration(fn, state, update, all_active=all_active and index == 0)
         return state
 
     state = run_in_chunks(settings, run_chunk)
@@ -396,7 +424,9 @@ def _iterate_best_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings:
     return FixedPointResult(best_x, best_aux, stats)
 
 
-_REFERENCE_ITERATIONS = {
+# The inference loops (`SolverSettings.loop`, picked per mode by `REFERENCE_LOOPS`): name -> the loop.
+LOOPS: dict[str, Callable[[FixedPointFunction, torch.Tensor, SolverSettings], FixedPointResult]] = {
+    "per_sample": _iterate_per_sample,
     "global_then_undamped": _iterate_global_then_undamped,
     "best_per_sample": _iterate_best_per_sample,
 }
@@ -412,11 +442,11 @@ def solve_fixed_point(fn: FixedPointFunction, z0: torch.Tensor, settings: Solver
     - `settings.loop` other than `"per_sample"`: one of the reference codebases' inference loops.
     """
     if settings.loop != "per_sample":  # with grad mode on (outside training), autograd records the whole loop
-        return _REFERENCE_ITERATIONS[settings.loop](fn, z0, settings)
+        return LOOPS[settings.loop](fn, z0, settings)
     if not torch.is_grad_enabled() or settings.backward == "unrolled":
-        return _iterate(fn, z0, settings)
+        return _iterate_per_sample(fn, z0, settings)
     with torch.no_grad():
-        solved = _iterate(fn, z0, settings)
+        solved = _iterate_per_sample(fn, z0, settings)
     z = solved.z.detach()
     aux = None
     for _ in range(settings.phantom_steps):
