@@ -361,8 +361,9 @@ def train(args: argparse.Namespace) -> Path:
                     "--model %s)", final, final)
         return final
     if args.overwrite:
-        for folder, foreign in [(final, foreign_entries(final) if final.is_dir() else []),
-                                *((path, foreign_checkpoint_entries(path)) for path in checkpoint_folders(args.output_dir))]:
+        earlier_folders = [(final, foreign_entries(final) if final.is_dir() else [])]
+        earlier_folders += [(path, foreign_checkpoint_entries(path)) for path in checkpoint_folders(args.output_dir)]
+        for folder, foreign in earlier_folders:
             if foreign:
                 raise TrainingError(f"--overwrite would delete {folder}, which holds what a run does not write there: "
                                     f"{', '.join(foreign[:8])}. Move those out first, or choose another --output-dir")
