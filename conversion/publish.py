@@ -10,7 +10,8 @@ Validation (the same for `--dry-run`, which needs no network, and for the upload
   experiments bundle); anything else only if an `--include GLOB` matches its path relative to the folder
   (repeatable; `*` also matches `/`). Hidden folders (`.git/`, `.cache/`) are left out, hidden files too unless
   included (e.g. `--include .gitattributes`).
-  Refused even with `--include`: symlinks, pickles (`*.pkl`, `*.bin`, `*.pt`, ... or pickle content: loading one can
+  Refused even with `--include`: symlinks (except remote-code files linking to this package's same-named module,
+  as the repository's `models/` hold their code: their content is uploaded), pickles (`*.pkl`, `*.bin`, `*.pt`, ... or pickle content: loading one can
   run code), files that may hold secrets (`.env`, `*.pem`, `*.key`, `id_rsa*`, `.netrc`, ...), and text files to be
   uploaded that contain a token or private key;
 - `config.json` loads as one of our configs, with an `auto_map` whose code files (and their relative imports) are
@@ -46,7 +47,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from implicit_lm.model_cards import validate_model_card
 from safetensors import SafetensorError, safe_open
 
-from implicit_lm.files import is_model_folder_file
+from implicit_lm.files import is_model_folder_file, is_package_code_link
 from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
 
 from .export import VERIFY_TOKENS, RemoteCodeError, expected_shapes, reload_logits
@@ -180,7 +181,7 @@ def _refusal(path: Path, root: Path, wanted: bool) -> tuple[str, str] | None:
     repo file or included) and nothing refuses it."""
     if _matches(path.name, _SECRET_NAMES):
         return "secret", f"named like {_matching(path.name, _SECRET_NAMES)}"
-    if path.is_symlink():
+    if path.is_symlink() and not is_package_code_link(path):
         target = os.readlink(path)
         inside = Path(os.path.realpath(path)).is_relative_to(root)
         return "symlink", f"a symlink to {target}, {'inside' if inside else 'outside'} the folder"
@@ -445,11 +446,18 @@ def publish(args: argparse.Namespace) -> list[str]:
     api.create_commit(
         repo_id=args.repo_id,
         repo_type="model",
-        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in files],
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=_content_path(folder / name))
+                    for name, _ in files],
         commit_message=message,
         revision=args.revision,
     )
     return operations
+
+
+def _content_path(path: Path) -> str:
+    """What to read for `path`: a validated link (remote code linking to this package) is sent as its target's
+    content, never as a link."""
+    return os.path.realpath(path) if path.is_symlink() else str(path)
 
 
 def main(argv: list[str] | None = None) -> list[str]:

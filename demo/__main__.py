@@ -34,7 +34,7 @@ from implicit_lm.eval.state_tracking import (
 )
 from implicit_lm.eval.stats import SolverStatsRecorder
 
-from implicit_lm.files import write_json
+from implicit_lm.files import unresolved_code_links, write_json
 from implicit_lm.tasks.stories import generate_story
 from implicit_lm.tasks.word_problems import element_names, word_problem
 
@@ -55,6 +55,9 @@ def load_bundled(folder: Path) -> Any:
         raise SystemExit(f"error: {folder} is not a model folder; the bundled models live in models/ of the repo "
                          "(implicit-lm experiment state-tracking / stories_experiment --bundle-dir models "
                          "rebuild them)")
+    problem = unresolved_code_links(folder)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 

@@ -21,10 +21,38 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-def _remote_code_files() -> frozenset[str]:
+def _package_code_dir() -> Path:
     import modeling_implicit
 
-    return frozenset(p.name for p in Path(modeling_implicit.__file__).parent.glob("*.py") if p.name != "__init__.py")
+    return Path(modeling_implicit.__file__).resolve().parent
+
+
+def _remote_code_files() -> frozenset[str]:
+    return frozenset(p.name for p in _package_code_dir().glob("*.py") if p.name != "__init__.py")
+
+
+def is_package_code_link(path: Path) -> bool:
+    """Whether `path` is a symlink to the same-named module of this package's remote code: how the repository's
+    `models/` folders hold their code (one copy in the repository). Any other symlink is not ours."""
+    return (path.is_symlink() and path.name in _remote_code_files()
+            and Path(os.path.realpath(path)) == _package_code_dir() / path.name)
+
+
+def unresolved_code_links(folder: Path) -> str | None:
+    """What is wrong when remote-code files of `folder` are symlinks that a checkout stored as text (git on Windows
+    without `core.symlinks`: a one-line file holding the link's target, which no Python can import); None if none."""
+    stubs = []
+    for name in sorted(_remote_code_files()):
+        path = folder / name
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 256:
+            text = path.read_text(errors="replace").strip()
+            if "\n" not in text and text.endswith(f"modeling_implicit/{name}"):
+                stubs.append(name)
+    if not stubs:
+        return None
+    return (f"{folder}: {', '.join(stubs)} hold a symlink's target as text, not code (a checkout made without "
+            f"symlinks, e.g. git on Windows without core.symlinks); run `implicit-lm refresh-remote-code {folder}` "
+            "to write the code into the folder, or clone with `git clone -c core.symlinks=true`")
 
 
 # The files a model folder written by this package may hold (a Hub model repo): config, generation config, weights,
@@ -60,7 +88,8 @@ def foreign_entries(folder: Path) -> list[str]:
     foreign = []
     for path in entries:
         relative = path.relative_to(folder).as_posix()
-        if path.is_symlink() or (path.is_file() and not is_model_folder_file(relative)):
+        if (path.is_symlink() and not is_package_code_link(path)) or (
+                path.is_file() and not is_model_folder_file(relative)):
             foreign.append(relative)
         elif path.is_dir() and not any(p.startswith(relative + "/") for p in MODEL_FOLDER_PATTERNS):
             foreign.append(relative + "/")

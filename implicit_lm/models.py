@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from implicit_lm.cli import InputError
+from implicit_lm.files import unresolved_code_links
 from modeling_implicit import IMPLICIT_MODEL_TYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -39,6 +40,9 @@ def load_model(
             raise InputError(f"Model folder {name} does not exist")
         if not (Path(name) / "config.json").is_file():
             raise InputError(f"{name} has no config.json: not a Hub-layout model folder")
+        problem = unresolved_code_links(Path(name))
+        if problem:
+            raise InputError(problem)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=True)
     except Exception as error:  # missing, offline, unknown model type

@@ -304,6 +304,35 @@ def test_upload_sends_exactly_the_validated_files(folder, caplog, capsys, monkey
     assert out.startswith("Sent:\n")
 
 
+def test_remote_code_linked_to_the_package_is_uploaded_as_its_content(folder, caplog, capsys, monkeypatch):
+    """The repository's models/ link their code into modeling_implicit/ (one copy); publish sends the modules'
+    content, and a link to anything else (even a file of the same name) is still refused."""
+    from huggingface_hub import HfApi
+    from implicit_lm.files import is_package_code_link
+
+    package = ROOT / "modeling_implicit"
+    for name in ("solver.py", "modeling_implicit_mamba2.py"):
+        (folder / name).unlink()
+        (folder / name).symlink_to(os.path.relpath(package / name, folder))
+        assert is_package_code_link(folder / name)
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kwargs: None)
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **kwargs: calls.append(kwargs))
+    assert run_module(MODULE, "--folder", str(folder), "--repo-id", "org/tiny-mamba2") == 0
+    sent = {op.path_in_repo: op.path_or_fileobj for op in calls[0]["operations"]}
+    assert not Path(sent["solver.py"]).is_symlink()
+    assert Path(sent["solver.py"]).read_bytes() == (package / "solver.py").read_bytes()
+
+    elsewhere = folder.parent / "kernels.py"
+    shutil.copy(package / "kernels.py", elsewhere)
+    (folder / "kernels.py").unlink()
+    (folder / "kernels.py").symlink_to(elsewhere)
+    status, errors, _ = dry_run(folder, caplog, capsys)
+    assert status == 1 and errors[0] == (
+        f"error: {folder}/kernels.py: a symlink to {elsewhere}, outside the folder; symlinks are never uploaded "
+        "(copy the file into the folder)"), errors
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_models_pass_the_dry_run(name, caplog, capsys):
     folder = ROOT / "models" / name
