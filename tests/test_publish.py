@@ -308,6 +308,7 @@ def test_remote_code_linked_to_the_package_is_uploaded_as_its_content(folder, ca
     """The repository's models/ link their code into modeling_implicit/ (one copy); publish sends the modules'
     content, and a link to anything else (even a file of the same name) is still refused."""
     from huggingface_hub import HfApi
+
     from implicit_lm.files import is_package_code_link
 
     package = ROOT / "modeling_implicit"
