@@ -229,6 +229,12 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     stop_rule: str = "per_sample"
     converted_from: dict[str, Any] | None = None
 
+    @property
+    def stochastic_stack(self) -> bool:
+        """Whether an evaluation of the layer stack draws random numbers (a family's stochastic layers; Mamba2's noise
+        study), so that no recorded CUDA graph can replay it. False here; a family with such layers overrides it."""
+        return False
+
     def __post_init__(self, **kwargs: Any) -> None:
         # `kwargs` are the keys that are not fields (transformers' legacy keys, hub metadata, typos).
         _warn_near_misses(self, kwargs, stacklevel=3)

@@ -80,6 +80,10 @@ class ImplicitMamba2Config(ImplicitPretrainedConfig):
         return self.latent_noise_db > 0 or self.state_noise_db > 0
 
     @property
+    def stochastic_stack(self) -> bool:
+        return self.noise_active
+
+    @property
     def intermediate_size(self) -> int:
         return self.expand * self.hidden_size
 

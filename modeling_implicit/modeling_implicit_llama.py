@@ -396,7 +396,6 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         past_len: int,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        noise_generator: torch.Generator | None = None,
     ) -> LlamaStackInputs:
         batch, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device

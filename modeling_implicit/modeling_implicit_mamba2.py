@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -190,10 +191,12 @@ class ImplicitMamba2Mixer(nn.Module):
 
 @dataclass
 class Mamba2StackInputs(StackInputs):
-    """`StackInputs` plus, when the noise study is on, `history`: the `(batch, past_len + seq_len)` 0/1 mask of the
-    cached and new tokens (None: no padding). A step adds noise only to samples that already committed a real token,
-    so a left-padded sample's first real token is, as without padding, no noisy step."""
+    """`StackInputs` plus the noise study's: `noise_generator`, the random generator its noise is drawn from (None:
+    torch's default), and, when the study is on, `history`: the `(batch, past_len + seq_len)` 0/1 mask of the cached
+    and new tokens (None: no padding). A step adds noise only to samples that already committed a real token, so a
+    left-padded sample's first real token is, as without padding, no noisy step."""
 
+    noise_generator: torch.Generator | None = None
     history: torch.Tensor | None = None
 
 
@@ -395,10 +398,21 @@ class ImplicitMamba2ForCausalLM(ImplicitCausalLMMixin, ImplicitMamba2PreTrainedM
     """Implicit Mamba2 language model: `ImplicitMamba2Model` and a head tied to its embeddings. Full-sequence
     forwards are solved in simultaneous mode (or sequential, per `config.inference_mode`); `generate()` prefills per
     `config.prefill_mode` and decodes token by token, iterating each token to its fixed point against the committed
-    `ImplicitMamba2Cache` before committing it once."""
+    `ImplicitMamba2Cache` before committing it once. `forward` passes `noise_generator` (the noise study's random
+    generator, see `ImplicitMamba2Model.forward`) on to the backbone."""
 
     backbone_class = ImplicitMamba2Model
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args: Any, noise_generator: torch.Generator | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        # Named here so that generate() accepts it (it checks model kwargs against this signature), and handed to
+        # every step: one generator draws the noise of the whole generation.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if noise_generator is not None:
+            model_inputs["noise_generator"] = noise_generator
+        return model_inputs
 
 
 __all__ = [

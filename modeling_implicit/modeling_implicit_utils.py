@@ -145,7 +145,6 @@ class StackInputs:
         padding_mask: `(batch, seq_len)` 1 for real tokens and 0 for padding among the new tokens, or `None` when
             nothing is padded. Padding positions of `z` are held at zero, so they never enter a residual.
         output_hidden_states / output_attentions: record, in every evaluation, what `StackRecorder` collects.
-        noise_generator: the random generator of stochastic layers (the Mamba2 noise study), None: torch's default.
 
     Models with attention subclass it with their masks and positional embeddings and override `token`.
     """
@@ -153,7 +152,6 @@ class StackInputs:
     padding_mask: torch.Tensor | None
     output_hidden_states: bool = False
     output_attentions: bool = False
-    noise_generator: torch.Generator | None = None
 
     def token(self, index: int, past_len: int) -> StackInputs:
         """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
@@ -357,18 +355,26 @@ def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: Implici
     return "sequential" if seq_len == 1 else config.prefill_mode
 
 
-def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
-    """CUDA-graph decoding applies: asked for, on CUDA, tape-free, Picard (Anderson's history is not static), our
-    per-sample loop, no noise (fresh noise per iteration is not a replayable graph)."""
+def decode_graphs_apply(config: ImplicitPretrainedConfig) -> bool:
+    """The config allows CUDA-graph decoding: asked for, implicit, Picard (Anderson's history is not static), our
+    per-sample loop, a deterministic stack (fresh random draws per evaluation are not a replayable graph)."""
     return (
         config.cuda_graph_decoding
         and config.implicit
         and config.solver == "picard"
         and config.stop_rule == "per_sample"
-        and not getattr(config, "noise_active", False)
-        and inputs_embeds.is_cuda
-        and not torch.is_grad_enabled()
+        and not config.stochastic_stack
     )
+
+
+def can_capture_graphs(inputs_embeds: torch.Tensor) -> bool:
+    """A CUDA graph can be recorded for this call: CUDA tensors, no autograd tape."""
+    return inputs_embeds.is_cuda and not torch.is_grad_enabled()
+
+
+def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
+    """A single-token step decodes through CUDA graphs (`decode_graphs.py`)."""
+    return decode_graphs_apply(config) and can_capture_graphs(inputs_embeds)
 
 
 def _cache_contents(cache: ImplicitCache) -> str:
@@ -645,7 +651,6 @@ class ImplicitBackboneMixin:
         past_len: int,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        noise_generator: torch.Generator | None = None,
     ) -> StackInputs:
         """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
         `(batch, past_len + seq_len)` mask or None (no padding)."""
@@ -827,14 +832,13 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: ImplicitCache | None = None,
-        noise_generator: torch.Generator | None = None,
         solver_overrides: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> ImplicitCausalLMOutput | tuple:
-        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument. A
-        `cache_position` keyword (older transformers' generate passes one) must number the new tokens right after the
-        cached ones; it is checked, not otherwise used."""
-        cache_position = kwargs.pop("cache_position", None)
+        """`cache` (transformers >= 5.24's name) and `past_key_values` (the older one) are the same argument. Other
+        keywords reach the backbone (a family's own arguments, such as Mamba2's `noise_generator`) and the loss, as
+        in transformers' causal LMs; a `cache_position` keyword (older transformers' generate passes one) must number
+        the new tokens right after the cached ones: it is checked, not otherwise used."""
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -846,8 +850,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
             output_attentions=output_attentions,
             return_dict=True,
             solver_overrides=solver_overrides,
-            **({} if noise_generator is None else {"noise_generator": noise_generator}),
-            **({} if cache_position is None else {"cache_position": cache_position}),
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -246,9 +246,8 @@ def test_interval_divergence_is_still_reported():
 @pytest.fixture
 def graph_decoding(monkeypatch):
     """On a GPU, CUDA-graph decoding as users get it; on the CPU the same static-buffer path, run uncaptured."""
-    if DEVICE == "cpu":
-        monkeypatch.setattr(modeling_implicit_utils, "use_decode_graphs",
-                            lambda embeds, config: config.cuda_graph_decoding and config.solver == "picard")
+    if DEVICE == "cpu":  # only the device requirement is lifted: every guard on the config stays
+        monkeypatch.setattr(modeling_implicit_utils, "can_capture_graphs", lambda embeds: not torch.is_grad_enabled())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -302,12 +301,31 @@ def test_decoding_a_position_again_after_rolling_back_equals_eager(graph_decodin
         assert len(model.base_model._decode_graphs.graphs) == 1
 
 
+@pytest.mark.parametrize("setting", ["explicit", "anderson", "reference loop", "noise"])
+def test_graph_decoding_is_left_out_where_a_graph_cannot_replay_the_step(graph_decoding, setting):
+    """Asked for, graph decoding still runs eager where the step is no static graph: an explicit model (no solve),
+    Anderson (its history grows), a reference loop (not our per-sample loop), Mamba2's noise study (fresh draws)."""
+    overrides = {"explicit": dict(implicit=False), "anderson": dict(solver="anderson"),
+                 "reference loop": dict(stop_rule="torchdeq_reference"),
+                 "noise": dict(state_noise_db=20.0)}[setting]
+    model = tiny_mamba2(tolerance=1e-4, eval_max_iterations=100, prefill_mode="sequential",
+                        **{"solver": "picard", **overrides}).to(DEVICE)
+    tokens = ids(batch=2, length=3).to(DEVICE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", mi.ConvergenceWarning)
+        cache = output_cache(model(tokens, use_cache=True))
+        model.config.cuda_graph_decoding = True
+        for _ in range(2):
+            model(tokens[:, -1:], cache=cache, use_cache=True)
+    assert getattr(model.backbone, "_decode_graphs", None) is None
+
+
 def test_graph_decoding_caps_iterations_exactly(graph_decoding):
     """A cap that is not a multiple of the interval is honoured exactly (the remainder runs uncaptured)."""
     model = tiny_mamba2(tolerance=1e-12, eval_max_iterations=7, convergence_check_interval=3,
                         prefill_mode="sequential").to(DEVICE)
     tokens = ids(batch=2, length=3).to(DEVICE)
-    with warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():  # graphs are recorded only without an autograd tape
         warnings.simplefilter("ignore", mi.ConvergenceWarning)
         cache = output_cache(model(tokens, use_cache=True))
         model.config.cuda_graph_decoding = True

@@ -3,7 +3,7 @@ contract is in test_modeling_common.py)."""
 
 import pytest
 import torch
-from conftest import tiny_mamba2, tiny_mamba2_config
+from conftest import tiny_llama, tiny_mamba2, tiny_mamba2_config
 from test_modeling_common import ids
 
 import modeling_implicit as mi
@@ -99,3 +99,23 @@ def test_noise_study_acts_on_sequential_steps_only_and_repeats_with_a_seed():
     torch.testing.assert_close(full_sequence, full_clean)  # simultaneous mode takes no single-token step
     with pytest.raises(ValueError, match="noise_mode='loud'"):
         tiny_mamba2(noise_mode="loud")
+
+
+def test_generate_takes_the_noise_generator_and_other_families_refuse_it():
+    """generate() hands `noise_generator` to every decoding step (one seeded generator repeats a noisy generation);
+    the argument is Mamba2's alone, so a Llama's generate() refuses it as it refuses any unknown argument."""
+    import warnings
+
+    model = tiny_mamba2(latent_noise_db=10.0, state_noise_db=10.0, tolerance=1e-3, eval_max_iterations=20)
+    prompt = ids(batch=1, length=3)
+    settings = dict(max_new_tokens=12, do_sample=True, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", mi.ConvergenceWarning)
+        runs = []
+        for seed in (7, 7, 8, 9):
+            torch.manual_seed(0)  # the same sampling draws: only the noise's generator differs
+            runs.append(model.generate(prompt, noise_generator=torch.Generator().manual_seed(seed), **settings))
+    assert torch.equal(runs[0], runs[1])
+    assert any(not torch.equal(runs[0], run) for run in runs[2:])
+    with pytest.raises(ValueError, match="noise_generator"):
+        tiny_llama().generate(prompt, max_new_tokens=2, noise_generator=torch.Generator(), pad_token_id=0)
