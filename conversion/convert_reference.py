@@ -23,7 +23,7 @@ import torch
 from implicit_lm.model_cards import render_model_card, validate_model_card
 from transformers import GenerationConfig
 
-from modeling_implicit import ImplicitPretrainedConfig
+from modeling_implicit import ImplicitPreTrainedConfig
 
 from .checkpoint_io import CheckpointReader, read_json
 from .export import (
@@ -50,9 +50,9 @@ from .reference import (
 logger = logging.getLogger("implicit_lm.conversion")
 
 
-def detect_preset(config: ImplicitPretrainedConfig) -> str | None:
+def detect_preset(config: ImplicitPreTrainedConfig) -> str | None:
     """The preset whose converted config equals `config` (ignoring token ids), if any."""
-    def comparable(c: ImplicitPretrainedConfig) -> dict[str, Any]:
+    def comparable(c: ImplicitPreTrainedConfig) -> dict[str, Any]:
         ignored = ("transformers_version", "converted_from")  # provenance: a preset is the same model in any layout
         return {k: v for k, v in c.to_dict().items() if not k.endswith("token_id") and k not in ignored}
 
@@ -63,7 +63,7 @@ def detect_preset(config: ImplicitPretrainedConfig) -> str | None:
     return None
 
 
-def _generation_config(source: Path | None, config: ImplicitPretrainedConfig) -> GenerationConfig:
+def _generation_config(source: Path | None, config: ImplicitPreTrainedConfig) -> GenerationConfig:
     if source is not None and (source / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(source)
     else:

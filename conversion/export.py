@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers.initialization import no_init_weights
 
 from implicit_lm.files import atomic_output, check_apart, check_destination, remove_stale_partials
-from modeling_implicit import ImplicitPretrainedConfig
+from modeling_implicit import ImplicitPreTrainedConfig
 from modeling_implicit.solver import SolverDivergenceError
 
 from .reference import ConversionError, model_class
@@ -54,7 +54,7 @@ def verification_logits(model: torch.nn.Module) -> torch.Tensor:
     return logits.float()
 
 
-def empty_model(config: ImplicitPretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+def empty_model(config: ImplicitPreTrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
     """Our model for `config` with allocated but uninitialised weights (to be filled from a checkpoint)."""
     with no_init_weights():
         model = model_class(config)._from_config(config, dtype=dtype)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from implicit_lm.model_cards import render_model_card, validate_model_card
 
-from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
+from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPreTrainedConfig
 
 from .checkpoint_io import CheckpointReader
 from .export import (
@@ -51,7 +51,7 @@ _LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "rms_norm_eps")
 
 
-def _source_config(source: dict[str, Any], implicit: bool) -> tuple[ImplicitPretrainedConfig, str]:
+def _source_config(source: dict[str, Any], implicit: bool) -> tuple[ImplicitPreTrainedConfig, str]:
     """Our config for a source `config.json`, and the layout name (`transformers-mamba2`, `transformers-llama`,
     `state-spaces-mamba2`)."""
     model_type = source.get("model_type")
@@ -109,7 +109,7 @@ def _source_name(layout: str, target: str) -> str:
     return target
 
 
-def _injection_source(config: ImplicitPretrainedConfig, target: str) -> list[str] | None:
+def _injection_source(config: ImplicitPreTrainedConfig, target: str) -> list[str] | None:
     """The first block's input-path tensors the injection `target` is initialised from (concatenated), or None."""
     if isinstance(config, ImplicitLlamaConfig):
         first = "model.layers.0"

@@ -48,7 +48,7 @@ from implicit_lm.model_cards import validate_model_card
 from safetensors import SafetensorError, safe_open
 
 from implicit_lm.files import is_model_folder_file, is_package_code_link
-from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPretrainedConfig
+from modeling_implicit import ImplicitLlamaConfig, ImplicitMamba2Config, ImplicitPreTrainedConfig
 
 from .export import VERIFY_TOKENS, RemoteCodeError, expected_shapes, reload_logits
 from .reference import model_class
@@ -218,7 +218,7 @@ def _pickle_content(path: Path) -> str | None:
 
 def _check_config(
     folder: Path, uploads: dict[str, int], refused: set[str]
-) -> tuple[ImplicitPretrainedConfig | None, list[Problem]]:
+) -> tuple[ImplicitPreTrainedConfig | None, list[Problem]]:
     """The loaded config (None if it does not load) and the problems of `config.json` and its `auto_map`."""
     if "config.json" not in uploads:
         return None, [] if "config.json" in refused else [("config.json", "missing")]
@@ -283,7 +283,7 @@ def _check_secret_content(folder: Path, uploads: dict[str, int]) -> list[Problem
 
 
 def _check_weights(
-    folder: Path, uploads: dict[str, int], refused: set[str], config: ImplicitPretrainedConfig | None
+    folder: Path, uploads: dict[str, int], refused: set[str], config: ImplicitPreTrainedConfig | None
 ) -> list[Problem]:
     """Every safetensors file opens and is finite, the index matches the shards, and the shards match `config`."""
     shards = sorted(name for name in uploads if name.endswith(".safetensors") and "/" not in name)
@@ -350,7 +350,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]], str | Non
     return shapes, None
 
 
-def _compare_with_config(config: ImplicitPretrainedConfig, stored: dict[str, tuple[int, ...]]) -> str:
+def _compare_with_config(config: ImplicitPreTrainedConfig, stored: dict[str, tuple[int, ...]]) -> str:
     """What differs between the tensors the config's model needs and those stored ("" if nothing)."""
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
         model = model_class(config)(config)

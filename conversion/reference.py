@@ -37,7 +37,7 @@ from modeling_implicit import (
     ImplicitLlamaForCausalLM,
     ImplicitMamba2Config,
     ImplicitMamba2ForCausalLM,
-    ImplicitPretrainedConfig,
+    ImplicitPreTrainedConfig,
 )
 
 # Mamba2 block_cfg keys we map, and keys whose only supported value is the reference default.
@@ -76,8 +76,8 @@ LAYOUTS = {
     "noise-fork": "markschoene/implicit_languagemodels",
     "standalone": "markschoene/implicit-languagemodels-standalone",
 }
-# The `stop_rule` that reproduces each codebase's own inference loop (opt-in: the default stays per sample).
-REFERENCE_STOP_RULES = {"torchdeq": "torchdeq_reference", "noise-fork": "torchdeq_reference",
+# The `inference_loop` that reproduces each codebase's own (opt-in: the default stays per sample).
+REFERENCE_INFERENCE_LOOPS = {"torchdeq": "torchdeq_reference", "noise-fork": "torchdeq_reference",
                         "standalone": "standalone_reference"}
 NOISE_FIELDS = ("state_noise_db", "latent_noise_db", "noise_mode")
 # How each layout stores a weight-normalised weight `<m>.weight`: key suffix -> part (g: magnitude, v: direction).
@@ -241,7 +241,7 @@ def _check_keys(section: str, given: dict[str, Any], known: Iterable[str], fixed
 
 def config_from_reference(
     reference: dict[str, Any], layout: str | None = None, drop_noise: bool = False
-) -> ImplicitPretrainedConfig:
+) -> ImplicitPreTrainedConfig:
     """Our config for a reference `config.json` dict written by the codebase `layout` (see `LAYOUTS`; None: detected
     from the config alone). Raises `ConversionError` listing every unsupported field. The config records the layout
     and the reference's solver settings in `converted_from`."""
@@ -290,7 +290,7 @@ def config_from_reference(
     common["converted_from"] = {
         "layout": layout,
         "codebase": LAYOUTS[layout],
-        "reference_stop_rule": REFERENCE_STOP_RULES[layout],
+        "reference_inference_loop": REFERENCE_INFERENCE_LOOPS[layout],
         "deq_params": reference.get("deq_params") or {},
         **({"noise": noise, "noise_dropped": drop_noise} if noise else {}),
     }
@@ -320,7 +320,7 @@ def config_from_reference(
     )
 
 
-def model_class(config: ImplicitPretrainedConfig) -> type:
+def model_class(config: ImplicitPreTrainedConfig) -> type:
     return ImplicitLlamaForCausalLM if isinstance(config, ImplicitLlamaConfig) else ImplicitMamba2ForCausalLM
 
 

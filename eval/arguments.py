@@ -29,11 +29,15 @@ SOLVER_FLAGS = {
     "solver": str,
     "damping": float,
     "stop_mode": str,
-    "stop_rule": str,
+    "inference_loop": str,
     "warm_start": _boolean,
     "convergence_check_interval": int,
     "cuda_graph_decoding": _boolean,
 }
+
+
+# Old spellings of solver flags, still accepted.
+FLAG_ALIASES = {"inference_loop": ("--stop-rule",)}
 
 
 def add_model_arguments(
@@ -48,7 +52,8 @@ def add_model_arguments(
     if solver_flags:
         group = parser.add_argument_group("solver overrides (implicit models only; default: the model's config)")
         for name, kind in SOLVER_FLAGS.items():
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+            group.add_argument(f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, ()), dest=name, type=kind,
+                               default=None)
 
 
 def solver_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from modeling_implicit import IMPLICIT_FAMILIES
 from .paper_results import PAPER_ARCHITECTURES, PAPER_RESULTS, TABLE_COLUMNS, VARIANTS, split_preset
 
 if TYPE_CHECKING:
-    from modeling_implicit import ImplicitPretrainedConfig
+    from modeling_implicit import ImplicitPreTrainedConfig
 
 PAPER_TITLE = "Implicit Language Models are RNNs: Balancing Parallelization and Expressivity"
 ARXIV_ID = "2502.07827"
@@ -119,7 +119,7 @@ _SOLVER_FIELDS = {
 
 
 def render_model_card(
-    config: ImplicitPretrainedConfig,
+    config: ImplicitPreTrainedConfig,
     *,
     repo_id: str,
     preset: str | None = None,
@@ -179,7 +179,7 @@ def render_model_card(
 
 
 def render_demo_model_card(
-    config: ImplicitPretrainedConfig,
+    config: ImplicitPreTrainedConfig,
     *,
     model_name: str,
     summary: str,
@@ -235,7 +235,7 @@ def validate_model_card(text: str) -> dict[str, Any]:
 
 
 def _metadata(
-    family: _Family, config: ImplicitPretrainedConfig, license: str, datasets: list[str] | None, base_model: str | None
+    family: _Family, config: ImplicitPreTrainedConfig, license: str, datasets: list[str] | None, base_model: str | None
 ) -> str:
     kind_tag = "deep-equilibrium" if config.implicit else "explicit-baseline"
     card_data = ModelCardData(
@@ -250,7 +250,7 @@ def _metadata(
     return card_data.to_yaml()
 
 
-def _summary(family: _Family, config: ImplicitPretrainedConfig, preset: str | None) -> str:
+def _summary(family: _Family, config: ImplicitPreTrainedConfig, preset: str | None) -> str:
     paper = f"[{PAPER_TITLE}]({PAPER_URL}) (Schöne et al., ICML 2025)"
     name, layers = family.display_name, config.num_hidden_layers
     if not config.implicit:
@@ -286,13 +286,13 @@ def _format_value(value: Any) -> str:
     return f"`{value}`"
 
 
-def _config_table(family: _Family, config: ImplicitPretrainedConfig) -> str:
+def _config_table(family: _Family, config: ImplicitPreTrainedConfig) -> str:
     fields = ("model_type", "implicit", *family.architecture_fields)
     rows = [[f"`{name}`", _format_value(getattr(config, name))] for name in fields]
     return _markdown_table(["config field", "value"], rows)
 
 
-def _solver_section(config: ImplicitPretrainedConfig) -> str:
+def _solver_section(config: ImplicitPreTrainedConfig) -> str:
     if not config.implicit:
         return ""
     rows = [[f"`{name}`", _format_value(getattr(config, name)), meaning] for name, meaning in _SOLVER_FIELDS.items()]
@@ -305,7 +305,7 @@ def _solver_section(config: ImplicitPretrainedConfig) -> str:
     )
 
 
-def _usage(config: ImplicitPretrainedConfig, repo_id: str, tokenizer: str) -> str:
+def _usage(config: ImplicitPreTrainedConfig, repo_id: str, tokenizer: str) -> str:
     load = (
         f"Tokenizer: [`{tokenizer}`](https://huggingface.co/{tokenizer}).\n\n"
         "```python\n"
@@ -354,7 +354,7 @@ def _paper_recipe(family: _Family) -> str:
     )
 
 
-def _provenance(config: ImplicitPretrainedConfig, source_layout: str | None) -> str:
+def _provenance(config: ImplicitPreTrainedConfig, source_layout: str | None) -> str:
     source = getattr(config, "converted_from", None) or {}
     layout = source_layout or source.get("layout")
     if layout is None:
@@ -362,10 +362,12 @@ def _provenance(config: ImplicitPretrainedConfig, source_layout: str | None) -> 
     codebase = source.get("codebase", layout)
     text = (f"\n\nConverted from a checkpoint of `{codebase}` (source layout `{layout}`); `config.converted_from` "
             "keeps that codebase's own solver settings (`deq_params`).")
-    if source.get("reference_stop_rule") and config.implicit:
+    # `reference_stop_rule`: the key of folders converted before the field was renamed `inference_loop`.
+    loop = source.get("reference_inference_loop") or source.get("reference_stop_rule")
+    if loop and config.implicit:
         text += (f" To reproduce that codebase's own outputs and iteration counts, load it with "
-                 f"`stop_rule=\"{source['reference_stop_rule']}\"` (its loop couples the rows of a batch; the default "
-                 "per-sample rule does not).")
+                 f"`inference_loop=\"{loop}\"` (its loop couples the rows of a batch; the default per-sample loop "
+                 "does not).")
     if source.get("noise"):
         state = "dropped at conversion" if source.get("noise_dropped") else "kept"
         text += f" Its noise-study settings {source['noise']} were {state}."

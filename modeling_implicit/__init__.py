@@ -7,7 +7,7 @@ with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_implicit import ImplicitPretrainedConfig, UnknownConfigKeyWarning
+from .configuration_implicit import ImplicitPreTrainedConfig, ImplicitPretrainedConfig, UnknownConfigKeyWarning
 from .configuration_implicit_llama import ImplicitLlamaConfig
 from .configuration_implicit_mamba2 import ImplicitMamba2Config
 from .modeling_implicit_llama import (
@@ -31,7 +31,8 @@ from .modeling_implicit_utils import (
     ImplicitModelOutput,
     StackInputs,
 )
-from .solver import SolverDivergenceError, SolverSettings, SolverStats, solve_fixed_point
+from .solver import SolverSettings, solve_fixed_point
+from .solver_ops import SolverDivergenceError, SolverStats
 
 # The `model_type` of every implicit family (what tools use to tell our models from other transformers models), and the
 # family's short name (the paper's and the presets': "mamba2", "llama").
@@ -67,6 +68,7 @@ __all__ = [
     "ImplicitMamba2Model",
     "ImplicitMamba2PreTrainedModel",
     "ImplicitModelOutput",
+    "ImplicitPreTrainedConfig",
     "ImplicitPretrainedConfig",
     "LengthExtrapolationWarning",
     "SolverDivergenceError",

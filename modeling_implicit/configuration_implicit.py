@@ -11,11 +11,14 @@ from typing import Any
 
 from transformers import GenerationConfig, PretrainedConfig
 
-SOLVERS = ("picard", "anderson")
+from .solver import LOOPS_BY_MODE, SOLVER_UPDATES
+
+# The names the solver's tables register (one place for each solver and each inference loop).
+SOLVERS = tuple(SOLVER_UPDATES)
 STOP_MODES = ("rel", "abs")
 BACKWARDS = ("phantom", "unrolled")
 MODES = ("simultaneous", "sequential")
-STOP_RULES = ("per_sample", "torchdeq_reference", "standalone_reference")
+INFERENCE_LOOPS = tuple(LOOPS_BY_MODE)
 
 
 # The fields one call may override (`model(..., solver_overrides={...})`, also through `generate`): how the fixed point
@@ -23,7 +26,7 @@ STOP_RULES = ("per_sample", "torchdeq_reference", "standalone_reference")
 SOLVER_OVERRIDE_FIELDS = (
     "max_iterations", "eval_max_iterations", "tolerance", "early_stop", "stop_mode", "damping", "solver",
     "anderson_memory", "phantom_steps", "phantom_damping", "backward", "inference_mode", "prefill_mode", "warm_start",
-    "convergence_check_interval", "cuda_graph_decoding", "stop_rule",
+    "convergence_check_interval", "cuda_graph_decoding", "inference_loop",
 )
 
 
@@ -103,7 +106,7 @@ def _warn_near_misses(config: PretrainedConfig, extra: dict[str, Any], stackleve
             )
 
 
-class ImplicitPretrainedConfig(PretrainedConfig):
+class ImplicitPreTrainedConfig(PretrainedConfig):
     r"""
     Base configuration of implicit language models (the paper "Implicit Language Models are RNNs").
 
@@ -153,26 +156,8 @@ class ImplicitPretrainedConfig(PretrainedConfig):
             Training always uses the simultaneous mode.
         prefill_mode (`str`, defaults to `"simultaneous"`): how a multi-token forward that fills a cache (the prompt
             of `generate`) is solved. Single-token steps with a cache are always sequential.
-        warm_start (`bool`, defaults to `False`): in sequential mode, start each token's solve from the previous
-            token's fixed point (kept in the cache) instead of zeros. Same fixed point within `tolerance` on a
-            contraction, but measured 11-32% more iterations than from zeros (docs/BENCHMARKS.md): a token's first
-            evaluation from zero is already dominated by its own injected input.
-        convergence_check_interval (`int`, defaults to 1): test convergence on the host every this many iterations.
-            Each test synchronises the host with the device; samples that converge in between are frozen on the
-            device all the same, so outputs and statistics do not depend on it (at most `interval - 1` evaluations
-            of `f` are wasted after the last sample converges). Also the number of iterations one CUDA graph holds.
-        cuda_graph_decoding (`bool`, defaults to `False`): on CUDA, capture `convergence_check_interval` solver
-            iterations of a single-token sequential step (Mamba2: a shape that repeats every token) in a CUDA graph
-            and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
-            when training, or with `solver="anderson"`. Outputs are those of the eager path.
-
-    Provenance:
-        converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
-            reference codebase's layout (`"torchdeq"`, `"noise-fork"` or `"standalone"`), the codebase and the
-            reference's own `deq_params` (and its noise settings, if any), kept for the record; the model does not
-            read it.
-
-        stop_rule (`str`, defaults to `"per_sample"`): the inference loop. `"per_sample"` is ours (see below).
+        inference_loop (`str`, defaults to `"per_sample"`): the loop that solves at inference (formerly
+            `stop_rule`, a key still read). `"per_sample"` is ours (see below).
             The others reproduce a reference codebase's own evaluation exactly, for checking its numbers with a
             converted checkpoint; both couple the rows of a batch (a sample's result depends on its batch mates) and
             ignore `solver`, `stop_mode` and `convergence_check_interval`:
@@ -184,6 +169,25 @@ class ImplicitPretrainedConfig(PretrainedConfig):
             `fixed_point_iter` (damped iterates, per-sample residual `||x' - x|| / (||x'|| + 1e-9)`, each sample's
             best iterate kept, stop when the largest residual is below `tolerance`, no final evaluation); in
             sequential mode the loop above. Training always uses the per-sample loop.
+        warm_start (`bool`, defaults to `False`): in sequential mode, start each token's solve from the previous
+            token's fixed point (kept in the cache) instead of zeros. Same fixed point within `tolerance` on a
+            contraction, but measured 11-32% more iterations than from zeros (docs/BENCHMARKS.md): a token's first
+            evaluation from zero is already dominated by its own injected input.
+        convergence_check_interval (`int`, defaults to 1): test convergence on the host every this many iterations.
+            Each test synchronises the host with the device; samples that converge in between are frozen on the
+            device all the same, so outputs and statistics do not depend on it (at most `interval - 1` evaluations
+            of `f` are wasted after the last sample converges). Also the number of iterations one CUDA graph holds.
+        cuda_graph_decoding (`bool`, defaults to `False`): on CUDA, capture `convergence_check_interval` solver
+            iterations of a single-token sequential step (Mamba2: a shape that repeats every token) in a CUDA graph
+            and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
+            when training, with `solver="anderson"`, a reference `inference_loop`, or a stochastic stack (Mamba2's
+            noise study). Outputs are those of the eager path.
+
+    Provenance:
+        converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
+            reference codebase's layout (`"torchdeq"`, `"noise-fork"` or `"standalone"`), the codebase and the
+            reference's own `deq_params` (and its noise settings, if any), kept for the record; the model does not
+            read it.
 
     Convergence is judged per sample: a sample whose residual is below `tolerance` is frozen while the others go
     on, so its result never depends on its batch mates or on padding.
@@ -226,8 +230,11 @@ class ImplicitPretrainedConfig(PretrainedConfig):
     warm_start: bool = False
     convergence_check_interval: int = 1
     cuda_graph_decoding: bool = False
-    stop_rule: str = "per_sample"
+    inference_loop: str = "per_sample"
     converted_from: dict[str, Any] | None = None
+
+    # Old names of fields, still read and written through (configs saved by earlier releases, user code).
+    attribute_map = {"stop_rule": "inference_loop"}
 
     @property
     def stochastic_stack(self) -> bool:
@@ -263,12 +270,13 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         self.validate_fields()
         super().validate()
 
-    def with_overrides(self, overrides: dict[str, Any] | None) -> ImplicitPretrainedConfig:
+    def with_overrides(self, overrides: dict[str, Any] | None) -> ImplicitPreTrainedConfig:
         """This config with one call's `solver_overrides` applied: a validated copy (this config is left as it is),
         or this config itself when there are none. Raises `ValueError` for a field that cannot be overridden per call
         (see `SOLVER_OVERRIDE_FIELDS`) or an invalid value."""
         if not overrides:
             return self
+        overrides = {self.attribute_map.get(name, name): value for name, value in overrides.items()}
         unknown = sorted(set(overrides) - set(SOLVER_OVERRIDE_FIELDS))
         if unknown:
             raise ValueError(
@@ -308,10 +316,15 @@ class ImplicitPretrainedConfig(PretrainedConfig):
         _require(self.backward in BACKWARDS, "backward", self.backward, f"one of {BACKWARDS}")
         _require(self.inference_mode in MODES, "inference_mode", self.inference_mode, f"one of {MODES}")
         _require(self.prefill_mode in MODES, "prefill_mode", self.prefill_mode, f"one of {MODES}")
-        _require(self.stop_rule in STOP_RULES, "stop_rule", self.stop_rule, f"one of {STOP_RULES}")
+        _require(self.inference_loop in INFERENCE_LOOPS, "inference_loop", self.inference_loop,
+                 f"one of {INFERENCE_LOOPS}")
         _require(
-            self.stop_rule == "per_sample" or self.solver == "picard",
-            "stop_rule",
-            self.stop_rule,
+            self.inference_loop == "per_sample" or self.solver == "picard",
+            "inference_loop",
+            self.inference_loop,
             "'per_sample' with solver='anderson' (the reference loops are damped fixed-point iteration)",
         )
+
+
+# The earlier name (transformers 4's spelling, `PretrainedConfig`), kept for code that imports it.
+ImplicitPretrainedConfig = ImplicitPreTrainedConfig

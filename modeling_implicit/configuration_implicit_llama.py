@@ -7,16 +7,16 @@ from typing import Any
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .configuration_implicit import ImplicitPretrainedConfig, _positive_int, _require, _require_number
+from .configuration_implicit import ImplicitPreTrainedConfig, _positive_int, _require, _require_number
 
 
-class ImplicitLlamaConfig(ImplicitPretrainedConfig):
+class ImplicitLlamaConfig(ImplicitPreTrainedConfig):
     r"""
     Configuration of [`ImplicitLlamaForCausalLM`]: a stack of Llama-3-style pre-norm blocks (RMSNorm, rotary
     grouped-query attention, SwiGLU MLP) iterated to a fixed point, with the input injected into every block's
     query/key/value projections (`Attn(z W_qkv + x W_inp)`, before the rotary embedding).
 
-    Inherits the solver and common fields of [`ImplicitPretrainedConfig`] (documented there, once);
+    Inherits the solver and common fields of [`ImplicitPreTrainedConfig`] (documented there, once);
     `rms_norm_eps` is an alias of its `layer_norm_epsilon`. Llama fields (names as in transformers' `LlamaConfig`):
         intermediate_size (`int`, defaults to 2048): width of the SwiGLU MLP.
         num_attention_heads (`int`, defaults to 12): query heads; must divide `hidden_size`.
@@ -42,7 +42,7 @@ class ImplicitLlamaConfig(ImplicitPretrainedConfig):
     """
 
     model_type = "implicit_llama"
-    attribute_map = {"rms_norm_eps": "layer_norm_epsilon"}
+    attribute_map = {**ImplicitPreTrainedConfig.attribute_map, "rms_norm_eps": "layer_norm_epsilon"}
     default_theta = 500000.0  # Llama 3, and the reference implicit Llama
 
     vocab_size: int = 50277

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .configuration_implicit import (
-    ImplicitPretrainedConfig,
+    ImplicitPreTrainedConfig,
     _is_number,
     _positive_int,
     _require,
@@ -16,12 +16,12 @@ from .configuration_implicit import (
 NOISE_MODES = ("additive", "multiplicative")
 
 
-class ImplicitMamba2Config(ImplicitPretrainedConfig):
+class ImplicitMamba2Config(ImplicitPreTrainedConfig):
     r"""
     Configuration of [`ImplicitMamba2ForCausalLM`]: a stack of pre-norm residual Mamba2 blocks iterated to a fixed
     point, with the input injected into every block's input projection.
 
-    Inherits the solver and common fields of [`ImplicitPretrainedConfig`] (documented there, once). Mamba2 fields
+    Inherits the solver and common fields of [`ImplicitPreTrainedConfig`] (documented there, once). Mamba2 fields
     (names as in transformers' `Mamba2Config`):
         state_size (`int`, defaults to 128): SSM state size `N` per head.
         head_dim (`int`, defaults to 64): channels per SSM head `P`; must divide `expand * hidden_size`.

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .solver import FixedPointResult, SolverSettings, SolveState, make_update, run_in_chunks, solver_iteration
+from .solver import SolverSettings, make_update, run_in_chunks, solver_iteration
+from .solver_ops import FixedPointResult, SolveState
 
 # Graphs kept per model; each holds its static buffers (a few copies of the committed states).
 _CAPACITY = 2

@@ -6,7 +6,7 @@ packages allow, and falls back to the pure-PyTorch reference (`mamba2_ops`, `sol
 | Mamba2 scan over a sequence (simultaneous) | mamba-ssm `mamba_chunk_scan_combined` | `mamba2_ops.ssd_chunk_scan` |
 | Mamba2 conv over a sequence, zero state | causal-conv1d `causal_conv1d_fn` | `mamba2_ops.causal_conv1d_silu` |
 | Mamba2 single-token step (sequential) | our Triton kernel | `mamba2_ops.mamba2_decode_step_reference` |
-| the solver's Picard bookkeeping | our Triton kernel | `solver.picard_update_reference` |
+| the solver's Picard bookkeeping | our Triton kernel | `solver_ops.picard_update_reference` |
 
 Llama attention goes through transformers' attention interface (`config._attn_implementation`: "eager", "sdpa",
 "flash_attention_2"), so it needs no dispatch here. mamba-ssm's single-token kernels update states in place; an
@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from .mamba2_ops import causal_conv1d_silu as causal_conv1d_silu_reference
 from .mamba2_ops import mamba2_decode_step_reference
 from .mamba2_ops import ssd_chunk_scan as ssd_chunk_scan_reference
+from .solver_ops import SolveState, picard_update_reference
 
 try:
     from .triton_kernels import mamba2_decode_step as mamba2_decode_step_triton
@@ -105,6 +107,7 @@ class Kernel:
 ssd_chunk_scan = Kernel(ssd_chunk_scan_reference)
 causal_conv1d_silu = Kernel(causal_conv1d_silu_reference)
 mamba2_decode_step = Kernel(mamba2_decode_step_reference)
+picard_update = Kernel(picard_update_reference)
 
 
 @ssd_chunk_scan.register("mamba_ssm", when=lambda x, *args, **kwargs: _fast(x, mamba_chunk_scan_combined))
@@ -133,3 +136,13 @@ def _mamba2_decode_step_triton(*args: Any, **kwargs: Any) -> tuple[torch.Tensor,
 def fused_picard_update_available(z: torch.Tensor) -> bool:
     """Whether the solver's Picard update can run fused for `z` (CUDA, triton installed, contiguous)."""
     return _fast(z, picard_update_triton) and z.is_contiguous()
+
+
+# Without a tape only: the kernel writes the state's tensors in place.
+@picard_update.register("triton", when=lambda state, *args: not torch.is_grad_enabled()
+                        and fused_picard_update_available(state.z))
+def _picard_update_triton(state: SolveState, fz: torch.Tensor, damping: float, tolerance: float, stop_mode: str
+                          ) -> SolveState:
+    if state.out is None:  # the kernel writes z and out in place; z0 is the caller's (a warm start: the cache's)
+        state = replace(state, z=state.z.clone(), out=fz.clone())
+    return picard_update_triton(replace(state, step=state.step + 1), fz, damping, tolerance, stop_mode)

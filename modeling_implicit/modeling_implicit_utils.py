@@ -26,10 +26,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .compat import CACHE_NAME, RecurrentGenerationMixin, cache_argument, cache_field, output_cache
-from .configuration_implicit import ImplicitPretrainedConfig
+from .configuration_implicit import ImplicitPreTrainedConfig
 from .decode_graphs import DecodeGraphs
 from .numerics import at_least_float32
-from .solver import FixedPointResult, SolverSettings, SolverStats, solve_fixed_point
+from .solver import SolverSettings, solve_fixed_point
+from .solver_ops import FixedPointResult, SolverStats
 
 
 class ConvergenceWarning(UserWarning):
@@ -82,7 +83,7 @@ class InputInjection(nn.Module):
         init.zeros_(self.bias)
 
 
-def make_injection(config: ImplicitPretrainedConfig, out_features: int) -> InputInjection | None:
+def make_injection(config: ImplicitPreTrainedConfig, out_features: int) -> InputInjection | None:
     """The input injection of a family whose blocks take `out_features` injected channels; None for explicit
     models (`implicit=False`), which evaluate the stack once on the embeddings."""
     if not config.implicit:
@@ -98,7 +99,7 @@ class ImplicitLayer(GradientCheckpointingLayer):
 
     `residual(z)` is the block's residual stream: in float32 with `config.residual_in_fp32`, as Mamba's blocks."""
 
-    def __init__(self, config: ImplicitPretrainedConfig):
+    def __init__(self, config: ImplicitPreTrainedConfig):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
 
@@ -341,7 +342,7 @@ def _warn_if_not_converged(stats: SolverStats | None) -> None:
         )
 
 
-def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: ImplicitPretrainedConfig) -> str:
+def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: ImplicitPreTrainedConfig) -> str:
     """The mode a forward call solves in; the one place these rules live.
 
     - Training: simultaneous (the phantom backward differentiates the parallel solve).
@@ -355,14 +356,14 @@ def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: Implici
     return "sequential" if seq_len == 1 else config.prefill_mode
 
 
-def decode_graphs_apply(config: ImplicitPretrainedConfig) -> bool:
+def decode_graphs_apply(config: ImplicitPreTrainedConfig) -> bool:
     """The config allows CUDA-graph decoding: asked for, implicit, Picard (Anderson's history is not static), our
     per-sample loop, a deterministic stack (fresh random draws per evaluation are not a replayable graph)."""
     return (
         config.cuda_graph_decoding
         and config.implicit
         and config.solver == "picard"
-        and config.stop_rule == "per_sample"
+        and config.inference_loop == "per_sample"
         and not config.stochastic_stack
     )
 
@@ -372,7 +373,7 @@ def can_capture_graphs(inputs_embeds: torch.Tensor) -> bool:
     return inputs_embeds.is_cuda and not torch.is_grad_enabled()
 
 
-def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPretrainedConfig) -> bool:
+def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPreTrainedConfig) -> bool:
     """A single-token step decodes through CUDA graphs (`decode_graphs.py`)."""
     return decode_graphs_apply(config) and can_capture_graphs(inputs_embeds)
 
@@ -514,7 +515,7 @@ class FixedPointCall:
 
     def _solve(self, f: Callable, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
                ) -> FixedPointResult:
-        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `stop_rule`'s loop); an
+        """Solve from `start` (a warm start) or zeros in `mode` (which picks a reference `inference_loop`'s loop); an
         explicit model evaluates the stack once on `embeddings`."""
         if not self.config.implicit:
             z, aux = f(embeddings)
@@ -678,7 +679,7 @@ class ImplicitBackboneMixin:
     # arguments to forward: `transformers.Trainer` with a curriculum (`CurriculumCallback` sets them per phase).
     training_overrides: dict[str, Any] | None = None
 
-    def resolve_config(self, solver_overrides: dict[str, Any] | None) -> ImplicitPretrainedConfig:
+    def resolve_config(self, solver_overrides: dict[str, Any] | None) -> ImplicitPreTrainedConfig:
         """The settings of one call: a validated copy with `solver_overrides` (and, training, `training_overrides`),
         or the model's config, validated again only when its fields changed since the last call."""
         if self.training and self.training_overrides:
@@ -779,7 +780,7 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
 
     backbone_class: type[nn.Module]
 
-    def __init__(self, config: ImplicitPretrainedConfig):
+    def __init__(self, config: ImplicitPreTrainedConfig):
         super().__init__(config)
         setattr(self, self.base_model_prefix, self.backbone_class(config))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -1,7 +1,7 @@
 """Triton kernels for what no library provides to an implicit model. Each has a PyTorch reference it is tested against
 (on the CPU under `TRITON_INTERPRET=1`):
 
-- `picard_update`: the solver's bookkeeping fused into one pass (reference: `solver.picard_update_reference`).
+- `picard_update`: the solver's bookkeeping fused into one pass (reference: `solver_ops.picard_update_reference`).
 - `mamba2_decode_step`: one token of a Mamba2 mixer's convolution and SSM against committed states that it reads and
   never writes (reference: `mamba2_ops.mamba2_decode_step_reference`).
 
@@ -80,7 +80,7 @@ def _picard_update_kernel(
 
 
 def picard_update(state: Any, fz: torch.Tensor, damping: float, tolerance: float, stop_mode: str) -> Any:
-    """`solver.picard_update_reference` (same arguments and results) in one pass, writing `state`'s tensors in place
+    """`solver_ops.picard_update_reference` (same arguments and results) in one pass, writing `state`'s tensors in place
     and returning it: for each sample active before the call, `out = fz`, `z = (1 - damping) z + damping fz`, its
     residual, `iterations = state.step` (the step this update makes, already advanced by the caller), the first
     non-finite step in `diverged_at`, and `converged`/`active` updated."""

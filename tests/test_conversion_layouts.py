@@ -131,7 +131,7 @@ def test_standalone_checkpoints_convert_and_match(tmp_path, family_variant):
     assert "markschoene/implicit-languagemodels-standalone" in (tmp_path / "dst" / "README.md").read_text()
     if family_variant.endswith("implicit"):
         assert config.converted_from["deq_params"] == reference["deq_params"]
-        assert 'stop_rule="standalone_reference"' in (tmp_path / "dst" / "README.md").read_text()
+        assert 'inference_loop="standalone_reference"' in (tmp_path / "dst" / "README.md").read_text()
         # beta damps the solver, tau only the phantom steps; eval_factor defaults to 1 in this codebase.
         assert (config.damping, config.phantom_damping, config.phantom_steps) == (0.7, 0.9, 2)
         assert (config.max_iterations, config.eval_max_iterations, config.tolerance) == (6, 6, 0.05)

@@ -15,7 +15,8 @@ from conftest import ROOT, tiny_llama, tiny_mamba2
 import modeling_implicit as mi
 from modeling_implicit import kernels, mamba2_ops, modeling_implicit_utils
 from modeling_implicit.compat import output_cache
-from modeling_implicit.solver import SolveState, picard_update_reference, solve_fixed_point
+from modeling_implicit.solver import solve_fixed_point
+from modeling_implicit.solver_ops import SolveState, picard_update_reference
 
 triton_kernels = pytest.importorskip("modeling_implicit.triton_kernels", reason="triton is not installed")
 # Compiled on a GPU when run there with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh), else in the interpreter (CI).
@@ -80,7 +81,7 @@ def test_solver_with_the_fused_update_matches_the_reference(monkeypatch):
         model.config.inference_mode = mode
         with torch.no_grad():
             expected = model(tokens)
-            monkeypatch.setattr(mi.solver, "fused_picard_update_available", lambda z: z.is_contiguous())
+            monkeypatch.setattr(kernels, "fused_picard_update_available", lambda z: z.is_contiguous())
             fused = model(tokens)
             monkeypatch.undo()
         torch.testing.assert_close(fused.logits, expected.logits, atol=1e-5, rtol=1e-5)
@@ -306,7 +307,7 @@ def test_graph_decoding_is_left_out_where_a_graph_cannot_replay_the_step(graph_d
     """Asked for, graph decoding still runs eager where the step is no static graph: an explicit model (no solve),
     Anderson (its history grows), a reference loop (not our per-sample loop), Mamba2's noise study (fresh draws)."""
     overrides = {"explicit": dict(implicit=False), "anderson": dict(solver="anderson"),
-                 "reference loop": dict(stop_rule="torchdeq_reference"),
+                 "reference loop": dict(inference_loop="torchdeq_reference"),
                  "noise": dict(state_noise_db=20.0)}[setting]
     model = tiny_mamba2(tolerance=1e-4, eval_max_iterations=100, prefill_mode="sequential",
                         **{"solver": "picard", **overrides}).to(DEVICE)

@@ -1,8 +1,10 @@
-"""The reference-compatible inference loops (`stop_rule`), checked against small loops written here step by step from
-the reference codebases' documented semantics (microsoft/implicit_languagemodels' inference loop; the standalone
-code's `fixed_point_iter` and `_sequential_step`), run on the model's own f."""
+"""The reference-compatible inference loops (`inference_loop`, formerly `stop_rule`), checked against small loops
+written here step by step from the reference codebases' documented semantics (microsoft/implicit_languagemodels'
+inference loop; the standalone code's `fixed_point_iter` and `_sequential_step`), run on the model's own f."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def best_per_sample_loop(fn, x0, max_iter, tol, beta):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rule", ["torchdeq_reference", "standalone_reference"])
 def test_simultaneous_mode_follows_the_reference_loop(family, rule):
-    model = FAMILIES[family](stop_rule=rule, **SETTINGS)
+    model = FAMILIES[family](inference_loop=rule, **SETTINGS)
     tokens = ids(batch=3, length=7)
     with torch.no_grad():
         fn = fixed_point_function(model.base_model, tokens)
@@ -70,7 +72,7 @@ def test_simultaneous_mode_follows_the_reference_loop(family, rule):
 @pytest.mark.parametrize("rule", ["torchdeq_reference", "standalone_reference"])
 def test_sequential_mode_follows_the_reference_step(family, rule):
     """Per token: the global loop against the committed states, and the final undamped call's states committed."""
-    model = FAMILIES[family](stop_rule=rule, inference_mode="sequential", **SETTINGS)
+    model = FAMILIES[family](inference_loop=rule, inference_mode="sequential", **SETTINGS)
     tokens = ids(batch=2, length=5)
     backbone = model.base_model
     cache = backbone.make_cache()
@@ -91,7 +93,7 @@ def test_reference_rules_couple_the_rows_of_a_batch():
     """With the reference loops a sample's iterations depend on its batch mates; with ours they do not."""
     tokens = ids(batch=4, length=6)
     for rule, coupled in (("per_sample", False), ("torchdeq_reference", True)):
-        model = tiny_mamba2(stop_rule=rule, **{**SETTINGS, "tolerance": 1e-4, "eval_max_iterations": 200})
+        model = tiny_mamba2(inference_loop=rule, **{**SETTINGS, "tolerance": 1e-4, "eval_max_iterations": 200})
         with torch.no_grad():
             alone = torch.cat([model(tokens[i : i + 1]).solver_stats.iterations for i in range(4)])
             together = model(tokens).solver_stats.iterations
@@ -102,11 +104,11 @@ def test_reference_rules_couple_the_rows_of_a_batch():
 @pytest.mark.usefixtures("verify_in_process")
 def test_a_converted_checkpoint_reproduces_the_reference_at_its_own_settings(tmp_path):
     """The torchdeq-layout checkpoint at the reference's settings (f_tol 0.05, tau 0.8, eval cap 4 x f_max_iter):
-    the reloaded model with stop_rule='torchdeq_reference' gives the reference loop's logits and iteration counts."""
+    the reloaded model with inference_loop='torchdeq_reference' gives the reference loop's logits and iteration counts."""
     reference = tiny_reference("mamba2-implicit")
     source = write_reference_checkpoint(reference, tmp_path / "src", seed=4)
     run_convert("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"))
-    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", stop_rule="torchdeq_reference").eval()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", inference_loop="torchdeq_reference").eval()
     config = converted.config
     tokens = ids(batch=2, length=8, vocab=61)
     with torch.no_grad():
@@ -120,8 +122,42 @@ def test_a_converted_checkpoint_reproduces_the_reference_at_its_own_settings(tmp
     assert got.solver_stats.iterations.tolist() == [steps, steps]
 
 
-def test_invalid_stop_rules_are_refused():
-    with pytest.raises(ValueError, match="stop_rule='nearest'"):
-        tiny_mamba2(stop_rule="nearest")
-    with pytest.raises(ValueError, match="stop_rule='torchdeq_reference'.*anderson"):
-        tiny_mamba2(stop_rule="torchdeq_reference", solver="anderson")
+def test_invalid_inference_loops_are_refused():
+    with pytest.raises(ValueError, match="inference_loop='nearest'"):
+        tiny_mamba2(inference_loop="nearest")
+    with pytest.raises(ValueError, match="inference_loop='torchdeq_reference'.*anderson"):
+        tiny_mamba2(inference_loop="torchdeq_reference", solver="anderson")
+
+
+def test_the_old_name_stop_rule_still_works_everywhere(tmp_path, capsys):
+    """`stop_rule`, the field's name before `inference_loop`, is still read: as a keyword, from a saved config.json,
+    as a `from_pretrained` override and a per-call override, and as the evaluation commands' `--stop-rule`; what is
+    saved uses the new name."""
+    import json
+
+    from implicit_lm.eval.arguments import add_model_arguments, solver_overrides
+
+    model = tiny_mamba2(stop_rule="torchdeq_reference")
+    assert model.config.inference_loop == model.config.stop_rule == "torchdeq_reference"
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["inference_loop"] == "torchdeq_reference" and "stop_rule" not in saved
+    saved["stop_rule"] = saved.pop("inference_loop")  # a folder saved by an earlier release
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.inference_loop == "torchdeq_reference"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, stop_rule="standalone_reference")
+    assert reloaded.config.inference_loop == "standalone_reference"
+    with pytest.raises(ValueError, match="inference_loop='nearest'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, stop_rule="nearest")
+
+    tokens = ids(batch=2, length=5)
+    with torch.no_grad():
+        expected = tiny_mamba2(inference_loop="per_sample")(tokens).solver_stats.iterations
+        per_call = model(tokens, solver_overrides={"stop_rule": "per_sample"}).solver_stats.iterations
+    assert torch.equal(per_call, expected) and model.config.inference_loop == "torchdeq_reference"
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    for flag in ("--stop-rule", "--inference-loop"):
+        args = parser.parse_args(["--model", "m", flag, "standalone_reference"])
+        assert solver_overrides(args) == {"inference_loop": "standalone_reference"}

@@ -35,7 +35,7 @@ import torch
 import yaml
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from modeling_implicit import IMPLICIT_FAMILIES, ImplicitPretrainedConfig
+from modeling_implicit import IMPLICIT_FAMILIES, ImplicitPreTrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Phase:
             raise CurriculumError(f"Phase {self.name!r}: fraction must be a number in (0, 1], got {fraction!r}.")
         # The config's own rules, so a phase accepts exactly what a model accepts.
         try:
-            ImplicitPretrainedConfig(**self.settings())
+            ImplicitPreTrainedConfig(**self.settings())
         except ValueError as error:
             raise CurriculumError(f"Phase {self.name!r}: {error}") from None
 
