@@ -12,22 +12,19 @@ version string.
   causal LM's `prepare_inputs_for_generation` hands the first forward an empty cache of ours instead, after the inputs
   were expanded for beams and `num_return_sequences`, and `generate()` carries it on from the outputs. Before 5.24 the
   hook also returned False for any class with `_is_stateful`; 5.24 dropped that rule, hence the override.
-- Activation checkpointing is `activation_checkpointing_enable()` in the newest releases (not yet in 5.17), which
-  deprecate the older `gradient_checkpointing_enable()`; `enable_activation_checkpointing` calls whichever exists.
+
+What only the training side needs (the name of activation checkpointing) lives with it, in `training/finetune.py`:
+this module ships in every Hub repo.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 CACHE_NAME: str = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """The field and keyword under which the installed transformers passes a model's cache."""
-
-HAS_DEFAULT_CACHE_HOOK: bool = hasattr(GenerationMixin, "_supports_default_dynamic_cache")
-
 
 def cache_field(cache: Any) -> dict[str, Any]:
     """Keyword arguments that put `cache` into a transformers output under the installed name."""
@@ -44,12 +41,6 @@ def cache_argument(cache: Any, past_key_values: Any) -> Any:
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the cache once: as `cache` or as `past_key_values`, not both.")
     return cache if cache is not None else past_key_values
-
-
-def enable_activation_checkpointing(model: Any) -> None:
-    """Turn on activation checkpointing of `model`'s blocks under the installed release's name for it."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    (enable if enable is not None else model.gradient_checkpointing_enable)()
 
 
 class RecurrentGenerationMixin:

@@ -16,7 +16,6 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
 import modeling_implicit as mi
-from modeling_implicit import compat
 from modeling_implicit.compat import CACHE_NAME, output_cache
 
 
@@ -38,7 +37,7 @@ def test_the_cache_name_is_the_one_transformers_uses():
     assert CACHE_NAME in mi.ImplicitCausalLMOutput.__dataclass_fields__
     assert CACHE_NAME in mi.ImplicitModelOutput.__dataclass_fields__
     # The private hook generate() asks before building a DynamicCache: if a release drops it, this fails first.
-    assert compat.HAS_DEFAULT_CACHE_HOOK
+    assert hasattr(transformers.GenerationMixin, "_supports_default_dynamic_cache")
     assert not mi.ImplicitMamba2ForCausalLM._supports_default_dynamic_cache()
 
 

@@ -59,7 +59,6 @@ from tqdm.auto import tqdm
 
 from implicit_lm.files import atomic_output, atomic_write, check_apart, foreign_entries
 from modeling_implicit import IMPLICIT_MODEL_TYPES
-from modeling_implicit.compat import enable_activation_checkpointing
 
 from .checkpoints import (
     CheckpointError,
@@ -204,6 +203,14 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module,
         except Exception as error:
             raise TrainingError(f"Cannot load the tokenizer {tokenizer_source}: {error}") from error
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing of `model`'s blocks under the installed transformers' name for it:
+    `activation_checkpointing_enable()` in the newest releases (not yet in 5.17), which deprecate
+    `gradient_checkpointing_enable()`."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable if enable is not None else model.gradient_checkpointing_enable)()
 
 
 def add_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
