@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels run in its interpreter on the CPU (read when the kernels are defined, so before any import of them).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# transformers copies remote code into a module cache (read when it is imported): one of the run's own, so that the
+# tests neither use nor change the user's, and parallel workers (pytest -n) never write the same files.
+if "HF_MODULES_CACHE" not in os.environ:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"implicit-lm-tests-{worker}-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 import modeling_implicit as mi  # noqa: E402  (after the offline and interpreter setup)
 

@@ -4,7 +4,8 @@
 # pyproject.toml declares (`transformers>=FLOOR`), in a venv of their own holding only torch, transformers, this
 # package's requirements and pytest (without the bundled models' accuracy regression tests: their figures do not depend
 # on the transformers version, the loading and generation tests beside them do). torch is pinned so that pip takes
-# the CPU wheel instead of CUDA packages.
+# the CPU wheel instead of CUDA packages. Each leg runs its contract tests on every core (pytest-xdist), and the
+# end-to-end tests (real training processes, one of them listening on accelerate's default port) one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pin="torch==2.13.0"
@@ -16,7 +17,8 @@ pip install -q "$torch_pin"
 pip install -q -e ".[dev]"
 pip install -q --upgrade "transformers<6"
 echo "== newest leg: transformers $(python -c 'import transformers; print(transformers.__version__)')"
-python -m pytest -q
+python -m pytest -q -m "not e2e" -n auto
+python -m pytest -q -m e2e
 
 floor=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 [ -n "$floor" ] || { echo "pyproject.toml declares no transformers floor" >&2; exit 1; }
@@ -26,9 +28,10 @@ if [ "$installed" != "$floor" ]; then
     rm -rf "$venv"
     python -m venv "$venv"
     "$venv/bin/pip" install -q "$torch_pin"
-    "$venv/bin/pip" install -q -e . "transformers==$floor" "pytest>=8" "pytest-timeout>=2.3"
+    "$venv/bin/pip" install -q -e . "transformers==$floor" "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.5"
 else
     "$venv/bin/pip" install -q --no-deps -e .  # an existing venv: this checkout's current package layout
+    "$venv/bin/pip" install -q "pytest-xdist>=3.5"
 fi
 echo "== floor leg: transformers $floor"
-"$venv/bin/python" -m pytest -q "${floor_tests[@]}" -k "not recorded_accuracy"
+"$venv/bin/python" -m pytest -q -n auto "${floor_tests[@]}" -k "not recorded_accuracy"

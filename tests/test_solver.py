@@ -95,7 +95,9 @@ def test_absolute_stop_mode():
 def test_anderson_reaches_the_same_point_in_fewer_iterations():
     q = contraction(8, 1.0, seed=1)
     weight = q @ torch.diag(torch.linspace(0.1, 0.95, 8, dtype=torch.float64)) @ q.T
-    bias = torch.randn(2, 8, dtype=torch.float64)
+    # Seeded: both solves stop within the tolerance of the fixed point, and a draw whose largest gap lands on a tiny
+    # coordinate could fail the elementwise comparison (the global generator's state depends on the test order).
+    bias = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     picard = solve_fixed_point(
         linear_map(weight, bias), torch.zeros(2, 8, dtype=torch.float64), settings(max_iterations=2000)
     )
