@@ -4,8 +4,10 @@
 # pyproject.toml declares (`transformers>=FLOOR`), in a venv of their own holding only torch, transformers, this
 # package's requirements and pytest (without the bundled models' accuracy regression tests: their figures do not depend
 # on the transformers version, the loading and generation tests beside them do). torch is pinned so that pip takes
-# the CPU wheel instead of CUDA packages. Each leg runs its contract tests on every core (pytest-xdist), and the
-# end-to-end tests (real training processes, one of them listening on accelerate's default port) one at a time.
+# the CPU wheel instead of CUDA packages. A third leg runs our dispatch into the real mamba-ssm and causal-conv1d code,
+# installed without CUDA builds in .venv-kernels/ (tests/test_kernel_libraries.py). Each leg runs its contract tests
+# on every core (pytest-xdist), and the end-to-end tests (real training processes, one of them listening on
+# accelerate's default port) one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pin="torch==2.13.0"
@@ -35,3 +37,18 @@ else
 fi
 echo "== floor leg: transformers $floor"
 "$venv/bin/python" -m pytest -q -n auto "${floor_tests[@]}" -k "not recorded_accuracy"
+
+# The kernel-libraries leg: mamba-ssm and causal-conv1d installed without their CUDA builds (the versions tested), in a
+# venv over the newest leg's packages; mamba-ssm's Triton SSD kernels run in Triton's interpreter.
+kernel_libraries=("mamba-ssm==2.3.2.post1" "causal-conv1d==1.7.0")
+kvenv=.venv-kernels
+installed_libraries=$("$kvenv/bin/pip" freeze 2>/dev/null || true)
+if ! (for pin in "${kernel_libraries[@]}"; do grep -qx "$pin" <<<"$installed_libraries" || exit 1; done); then
+    rm -rf "$kvenv"
+    python -m venv --system-site-packages "$kvenv"
+    "$kvenv/bin/pip" install -q wheel packaging ninja einops
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+        "$kvenv/bin/pip" install -q --no-build-isolation --no-deps "${kernel_libraries[@]}"
+fi
+echo "== kernel-libraries leg: ${kernel_libraries[*]} (no CUDA builds)"
+IMPLICIT_LM_REQUIRE_KERNEL_LIBRARIES=1 "$kvenv/bin/python" -m pytest -q -n auto tests/test_kernel_libraries.py

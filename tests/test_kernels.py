@@ -186,7 +186,9 @@ def test_cuda_only_packages_are_never_required():
 
 def test_library_kernels_are_called_with_the_reference_conventions(monkeypatch):
     """The mamba-ssm and causal-conv1d paths, with stand-ins that follow the libraries' signatures and return types
-    (computed by the references), give the reference results: the argument plumbing is right."""
+    (computed by the references), give the reference results: the argument plumbing is right. For the legs without
+    the libraries; tests/test_kernel_libraries.py runs mamba-ssm's real Triton kernels (interpreted) and causal-conv1d's
+    own reference where they are installed, and only causal-conv1d's CUDA entry point stays unrun on a CPU."""
     calls = []
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
