@@ -20,25 +20,25 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile, not interpret: before triton (and our kernels) are imported
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import json
+import multiprocessing
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from modeling_implicit import ImplicitMamba2Config, kernels, triton_kernels  # noqa: E402
-from modeling_implicit.compat import output_cache  # noqa: E402
+from modeling_implicit import ImplicitMamba2Config, kernels, triton_kernels
+from modeling_implicit.compat import output_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
