@@ -127,7 +127,7 @@ def record_model_launches(configs: dict[str, Any], dtypes: dict[str, torch.dtype
     launches: list[dict[str, Any]] = []
     tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    for name, config in configs.items():
+    for config in configs.values():
         for dtype_name, dtype in dtypes.items():
             for stop_mode in ("rel", "abs") if dtype_name == "float32" else ("rel",):
                 config.stop_mode = stop_mode

@@ -21,7 +21,7 @@ def test_every_kernel_compiles_for_a100_and_h100(tmp_path):
     # A cache of its own: a kernel compiled earlier on this machine must be compiled again.
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
     result = subprocess.run([sys.executable, "-m", "benchmarks.compile_kernels", "--json", str(report)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=1200)
+                            check=False, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     print(result.stdout)  # the list of what was compiled (pytest -s or -rA shows it)
     kernels = json.loads(report.read_text())["kernels"]
