@@ -10,7 +10,9 @@ warm-up, and each keeps its fastest time (the least disturbed by other load). Re
   step being one cached forward of the explicit LM (`implicit=False`, same weights: embedding, stack, norm, head);
   strict decode overhead = time per generated token / (explicit step + (iterations - 1) x explicit stack-only step),
   where the stack-only step is the explicit backbone's cached forward (no head): every cost but the stack counted once.
-  On CUDA, decoding is timed eager and with CUDA graphs (`cuda_graph_decoding`).
+  On CUDA, decoding is timed eager and with CUDA graphs (`cuda_graph_decoding`). With `--compile`, also with
+  `compile_decoding` (and, on CUDA, both), against the explicit step compiled by `torch.compile` as the compiled
+  floor; the compile time is the first compiled run's time beyond its steady cost.
 - simultaneous overhead = implicit no-grad forward with exactly S iterations / (S x explicit forward), and strict:
   / (explicit forward + (S - 1) x explicit backbone forward).
 - iterations per token at equal tolerance (sequential mode over a prompt): Picard, Anderson, warm start and both,
@@ -156,30 +158,52 @@ def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[
     return run
 
 
+# Decode variants: name -> the solver overrides of its calls (`--compile` adds the compiled ones).
+DECODE_VARIANTS = {"eager": {}, "cuda_graphs": dict(cuda_graph_decoding=True),
+                   "compiled": dict(compile_decoding=True),
+                   "compiled_cuda_graphs": dict(compile_decoding=True, cuda_graph_decoding=True)}
+
+
 def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    variants = [("eager", False)] + ([("cuda_graphs", True)] if prompt.is_cuda else [])
-    decoders = {name: Decoder(implicit, prompt, args.new_tokens, dict(cuda_graph_decoding=graphs))
-                for name, graphs in variants}
+    names = ["eager"] + (["cuda_graphs"] if prompt.is_cuda else [])
+    if args.compile:
+        names += ["compiled"] + (["compiled_cuda_graphs"] if prompt.is_cuda else [])
+    decoders = {name: Decoder(implicit, prompt, args.new_tokens, DECODE_VARIANTS[name]) for name in names}
     runs: dict[str, Callable[[], float]] = {
         "explicit_step": step_runner(explicit, prompt),
         "explicit_stack_step": step_runner(explicit.base_model, prompt),
     }
-    for name, _ in variants:
+    first_runs: dict[str, float] = {}
+    if args.compile:
+        runs["compiled_explicit_step"] = step_runner(torch.compile(explicit), prompt)
+        runs["compiled_explicit_stack_step"] = step_runner(torch.compile(explicit.base_model), prompt)
+        for name in names:
+            if name.startswith("compiled"):  # the first run compiles (timed here, per token)
+                first_runs[name] = _quietly(decoders[name])
+    for name in names:
         runs[name] = partial(_quietly, decoders[name])
     best = best_of_rounds(runs, args.repeats)
-    explicit_step, explicit_stack_step = best["explicit_step"], best["explicit_stack_step"]
-    rows = {}
-    for name, _ in variants:
+    rows: dict[str, Any] = {"explicit_step_seconds": best["explicit_step"],
+                            "explicit_stack_step_seconds": best["explicit_stack_step"]}
+    if args.compile:
+        rows["compiled_explicit_step_seconds"] = best["compiled_explicit_step"]
+        rows["compiled_explicit_stack_step_seconds"] = best["compiled_explicit_stack_step"]
+    for name in names:
+        # Each variant against its own floor: compiled decoding against the compiled explicit step.
+        floor = "compiled_explicit" if name.startswith("compiled") else "explicit"
+        step, stack_step = best[f"{floor}_step"], best[f"{floor}_stack_step"]
         seconds = best[name]
         iterations = statistics.mean(decoders[name].iterations)
         rows[name] = {
             "seconds_per_token": seconds,
             "tokens_per_second": prompt.shape[0] / seconds,
             "mean_iterations": iterations,
-            "decode_overhead": seconds / ((iterations + 1) * explicit_step),
-            "strict_decode_overhead": seconds / (explicit_step + (iterations - 1) * explicit_stack_step),
+            "decode_overhead": seconds / ((iterations + 1) * step),
+            "strict_decode_overhead": seconds / (step + (iterations - 1) * stack_step),
         }
-    return {"explicit_step_seconds": explicit_step, "explicit_stack_step_seconds": explicit_stack_step, **rows}
+        if name in first_runs:
+            rows[name]["compile_seconds"] = (first_runs[name] - seconds) * args.new_tokens
+    return rows
 
 
 def _quietly(run: Callable[[], float]) -> float:
@@ -265,9 +289,14 @@ def format_report(report: dict[str, Any]) -> str:
     if decode:
         lines.append(f"explicit single-token step {decode['explicit_step_seconds'] * 1e3:.2f} ms, stack only "
                      f"{decode['explicit_stack_step_seconds'] * 1e3:.2f} ms")
-    for name in ("eager", "cuda_graphs"):
+    if "compiled_explicit_step_seconds" in decode:
+        lines.append(f"compiled explicit single-token step {decode['compiled_explicit_step_seconds'] * 1e3:.2f} ms, "
+                     f"stack only {decode['compiled_explicit_stack_step_seconds'] * 1e3:.2f} ms")
+    for name in DECODE_VARIANTS:
         if name in decode:
             row = decode[name]
+            if "compile_seconds" in row:
+                lines.append(f"{name}: compiled in {row['compile_seconds']:.1f} s (first run beyond its steady cost)")
             lines.append(f"decode ({name}): {row['seconds_per_token'] * 1e3:.1f} ms/token, "
                          f"{row['tokens_per_second']:.2f} tokens/s, {row['mean_iterations']:.2f} iterations/token; "
                          f"decode overhead {row['decode_overhead']:.3f} (target <= 1.10 CPU, 1.25 GPU), strict "
@@ -302,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", default=[], help="trained model folder for the iteration table")
     parser.add_argument("--sections", default="decode,simultaneous,iterations",
                         help="comma-separated subset of decode, simultaneous, iterations")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compile_decoding, against the explicit step compiled by torch.compile")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
     for name in ("batch", "prompt_length", "new_tokens", "repeats", "convergence_check_interval"):

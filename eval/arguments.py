@@ -33,6 +33,7 @@ SOLVER_FLAGS = {
     "warm_start": _boolean,
     "convergence_check_interval": int,
     "cuda_graph_decoding": _boolean,
+    "compile_decoding": _boolean,
 }
 
 

@@ -26,7 +26,7 @@ INFERENCE_LOOPS = tuple(LOOPS_BY_MODE)
 SOLVER_OVERRIDE_FIELDS = (
     "max_iterations", "eval_max_iterations", "tolerance", "early_stop", "stop_mode", "damping", "solver",
     "anderson_memory", "phantom_steps", "phantom_damping", "backward", "inference_mode", "prefill_mode", "warm_start",
-    "convergence_check_interval", "cuda_graph_decoding", "inference_loop",
+    "convergence_check_interval", "cuda_graph_decoding", "compile_decoding", "inference_loop",
 )
 
 
@@ -182,6 +182,13 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
             when training, with `solver="anderson"`, a reference `inference_loop`, or a stochastic stack (Mamba2's
             noise study). Outputs are those of the eager path.
+        compile_decoding (`bool`, defaults to `False`): run those `convergence_check_interval` iterations of a
+            single-token step through `torch.compile` (one graph: the stack evaluation and the Picard update; inductor,
+            which needs a C++ compiler on the CPU), on any device, under the same conditions as
+            `cuda_graph_decoding` (with which it combines on CUDA: the compiled chunk is what the graph captures).
+            The first repeat of a shape compiles (tens of seconds; measured in docs/BENCHMARKS.md), every later token
+            of that shape reuses the graph; Llama's growing key/value cache never repeats a shape, so it decodes
+            eagerly. Outputs are those of the eager path within floating-point reassociation.
 
     Provenance:
         converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
@@ -230,6 +237,7 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
     warm_start: bool = False
     convergence_check_interval: int = 1
     cuda_graph_decoding: bool = False
+    compile_decoding: bool = False
     inference_loop: str = "per_sample"
     converted_from: dict[str, Any] | None = None
 
@@ -301,7 +309,8 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             _require_number(name, getattr(self, name), lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         for name in ("damping", "phantom_damping"):
             _require_number(name, getattr(self, name), lambda v: 0 < v <= 1, "in (0, 1]")
-        for name in ("implicit", "warm_start", "cuda_graph_decoding", "early_stop", "residual_in_fp32"):
+        for name in ("implicit", "warm_start", "cuda_graph_decoding", "compile_decoding", "early_stop",
+                     "residual_in_fp32"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name, None)

@@ -7,9 +7,14 @@ static buffers: each token copies its inputs (injection, padding mask, committed
 the chunk until no sample is active, and tests convergence on the host once per chunk. Samples that converge inside a
 chunk are frozen on the device exactly as in eager mode, so outputs are those of the eager solver.
 
-A graph is captured the second consecutive time a key (shapes, dtypes, settings) is seen: a shape that repeats every
+With `compile_decoding` the chunk is compiled by `torch.compile` into one graph (stack evaluation and Picard update,
+over the same static buffers, so the graph's inputs never change identity and it never recompiles across tokens), on
+any device; on CUDA with `cuda_graph_decoding` too, the compiled chunk is what the CUDA graph captures.
+
+A graph is built the second consecutive time a key (shapes, dtypes, settings) is seen: a shape that repeats every
 token (Mamba2's fixed-size states) gets one, while a shape that changes every token (Llama's growing key/value cache)
-or a new batch size runs eagerly. Without CUDA the same static-buffer path runs uncaptured (how the tests check it).
+or a new batch size runs eagerly. Without CUDA and compile the same static-buffer path runs as it is (how the tests
+check it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ from .solver_ops import FixedPointResult, SolveState
 
 # Graphs kept per model; each holds its static buffers (a few copies of the committed states).
 _CAPACITY = 2
+
+
+def compile_chunk(chunk: Callable[[], None]) -> Callable[[], None]:
+    """`chunk` (a fixed number of solver iterations over static buffers) compiled into one graph: `fullgraph`, so a
+    graph break fails loudly instead of silently running eager pieces."""
+    return torch.compile(chunk, fullgraph=True, dynamic=False)
 
 
 def _static_copy(value: Any) -> Any:
@@ -64,6 +75,7 @@ class _TokenGraph:
         start: torch.Tensor,
         settings: SolverSettings,
         capture: bool,
+        compile_chunks: bool = False,
     ):
         self.settings = settings
         self.injection = _static_copy(injection)
@@ -78,9 +90,20 @@ class _TokenGraph:
         self.state = replace(
             self.state, **{f.name: _static_copy(getattr(self.state, f.name)) for f in fields(self.state)}
         )
+        interval = settings.convergence_check_interval
+        self.compiled: Callable[[], None] | None = None
+        if compile_chunks:
+            self.compiled = compile_chunk(lambda: self._chunk(interval))
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
             self._capture()
+
+    def _interval(self) -> None:
+        """One chunk of `convergence_check_interval` iterations, compiled when asked for."""
+        if self.compiled is not None:
+            self.compiled()
+        else:
+            self._chunk(self.settings.convergence_check_interval)
 
     def _chunk(self, iterations: int) -> None:
         state = self.state
@@ -90,16 +113,15 @@ class _TokenGraph:
             _copy_into(getattr(self.state, f.name), getattr(state, f.name))
 
     def _capture(self) -> None:
-        interval = self.settings.convergence_check_interval
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the capture (lazy library initialisation)
+        with torch.cuda.stream(stream):  # warm-up outside the capture (lazy library initialisation, compiling)
             for _ in range(2):
-                self._chunk(interval)
+                self._interval()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._chunk(interval)
+            self._interval()
 
     def solve(
         self, injection: torch.Tensor | None, stack_inputs: Any, states: tuple[torch.Tensor, ...] | None,
@@ -119,10 +141,12 @@ class _TokenGraph:
         state.step.zero_()
 
         def run_chunk(iterations: int, all_active: bool) -> SolveState:
-            if self.graph is not None and iterations == self.settings.convergence_check_interval:
-                self.graph.replay()
-            else:  # no CUDA, or the remainder below the interval before the cap
+            if iterations != self.settings.convergence_check_interval:  # the remainder below the interval: eager
                 self._chunk(iterations)
+            elif self.graph is not None:
+                self.graph.replay()
+            else:
+                self._interval()
             return state
 
         run_in_chunks(self.settings, run_chunk)
@@ -151,6 +175,7 @@ class DecodeGraphs:
         settings: SolverSettings,
         capture: bool,
         weights: tuple[int, ...] = (),
+        compile_chunks: bool = False,
     ) -> FixedPointResult | None:
         """Solve one token with a graph of this key, capturing it when the key repeats; None: solve it eagerly.
         `weights` (the parameters' addresses) is part of the key: a graph reads the weights it was captured with."""
@@ -162,6 +187,7 @@ class DecodeGraphs:
             _signature(start),
             astuple(settings),
             capture,
+            compile_chunks,
         )
         graph = self.graphs.get(key)
         if graph is None:
@@ -169,7 +195,7 @@ class DecodeGraphs:
             self.last_key = key
             if not repeated:
                 return None
-            graph = _TokenGraph(make_fn, injection, stack_inputs, states, start, settings, capture)
+            graph = _TokenGraph(make_fn, injection, stack_inputs, states, start, settings, capture, compile_chunks)
             self.graphs[key] = graph
             if len(self.graphs) > _CAPACITY:
                 self.graphs.popitem(last=False)

@@ -357,10 +357,11 @@ def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: Implici
 
 
 def decode_graphs_apply(config: ImplicitPreTrainedConfig) -> bool:
-    """The config allows CUDA-graph decoding: asked for, implicit, Picard (Anderson's history is not static), our
-    per-sample loop, a deterministic stack (fresh random draws per evaluation are not a replayable graph)."""
+    """The config asks for the static-buffer decode path (CUDA graphs, torch.compile) and allows it: implicit, Picard
+    (Anderson's history is not static), our per-sample loop, a deterministic stack (fresh random draws per evaluation
+    are not a replayable graph)."""
     return (
-        config.cuda_graph_decoding
+        (config.cuda_graph_decoding or config.compile_decoding)
         and config.implicit
         and config.solver == "picard"
         and config.inference_loop == "per_sample"
@@ -374,8 +375,12 @@ def can_capture_graphs(inputs_embeds: torch.Tensor) -> bool:
 
 
 def use_decode_graphs(inputs_embeds: torch.Tensor, config: ImplicitPreTrainedConfig) -> bool:
-    """A single-token step decodes through CUDA graphs (`decode_graphs.py`)."""
-    return decode_graphs_apply(config) and can_capture_graphs(inputs_embeds)
+    """A single-token step decodes through the static buffers of `decode_graphs.py`: compiled where
+    `compile_decoding` asks (any device, no autograd tape), captured where a CUDA graph can be."""
+    if not decode_graphs_apply(config):
+        return False
+    return (config.compile_decoding and not torch.is_grad_enabled()) or (
+        config.cuda_graph_decoding and can_capture_graphs(inputs_embeds))
 
 
 def _cache_contents(cache: ImplicitCache) -> str:
@@ -599,7 +604,8 @@ class FixedPointCall:
             cache.states,
             torch.zeros_like(inputs_embeds) if start is None else start,
             SolverSettings.from_config(self.config, training=False, mode="sequential"),
-            capture=inputs_embeds.is_cuda,
+            capture=self.config.cuda_graph_decoding and inputs_embeds.is_cuda,
+            compile_chunks=self.config.compile_decoding,
             weights=tuple(parameter.data_ptr() for parameter in backbone.parameters()),
         )
 

@@ -1,0 +1,101 @@
+"""`compile_decoding`: the solver iterations of a single-token step compiled by torch.compile over the static buffers
+of `decode_graphs.py`. Compiled decoding gives eager decoding's ids (logits within 1e-5, same iteration counts), with
+and without padding, compiles one graph for a whole generation, and stays eager where a graph cannot serve.
+
+The fast tests compile with the `aot_eager` backend (the same tracing, `fullgraph`: any graph break fails; no code
+generation); the e2e test compiles with inductor, what users get."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_mamba2
+
+from modeling_implicit import ConvergenceWarning, decode_graphs
+
+FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The chunks compiled during a test, through `backend` (aot_eager unless a test asks for inductor)."""
+    compiled = []
+
+    def compile_with(backend: str):
+        def compile_chunk(chunk):
+            compiled.append(chunk)
+            return torch.compile(chunk, fullgraph=True, dynamic=False, backend=backend)
+
+        monkeypatch.setattr(decode_graphs, "compile_chunk", compile_chunk)
+        return compiled
+
+    return compile_with
+
+
+def decode(model, tokens, mask, max_new_tokens=8, **overrides):
+    # min_new_tokens: no row stops at EOS, so every step decodes the whole batch
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                    pad_token_id=0, solver_overrides=overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.generate(tokens, attention_mask=mask, **settings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_decoding_gives_the_eager_ids_and_logits(compiles, family, padded):
+    compiled = compiles("aot_eager")
+    model = FAMILIES[family](solver="picard", tolerance=1e-5, eval_max_iterations=300, convergence_check_interval=3)
+    tokens = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :2] = 0
+    expected = decode(model, tokens, mask)
+    got = decode(model, tokens, mask, compile_decoding=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    graphs = model.base_model._decode_graphs.graphs
+    if family == "mamba2":  # fixed-size states: one compiled chunk serves every token after the first
+        assert len(graphs) == 1 and len(compiled) == 1
+        assert next(iter(graphs.values())).compiled is not None
+    else:  # the key/value cache grows every token: its shape never repeats, decoding stays eager
+        assert len(graphs) == 0 and compiled == []
+
+
+@pytest.mark.parametrize("setting", ["anderson", "training", "reference loop"])
+def test_compiled_decoding_is_left_out_where_a_graph_cannot_serve(compiles, setting):
+    compiled = compiles("aot_eager")
+    overrides = {"anderson": dict(solver="anderson"), "training": {},
+                 "reference loop": dict(inference_loop="torchdeq_reference")}[setting]
+    model = tiny_mamba2(tolerance=1e-4, prefill_mode="sequential", **{"solver": "picard", **overrides})
+    tokens = torch.randint(3, 64, (2, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(), torch.set_grad_enabled(setting == "training"):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        from modeling_implicit.compat import output_cache
+
+        cache = output_cache(model(tokens, use_cache=True))
+        for _ in range(3):
+            model(tokens[:, -1:], cache=cache, use_cache=True, solver_overrides={"compile_decoding": True})
+    assert compiled == [] and getattr(model.backbone, "_decode_graphs", None) is None
+
+
+@pytest.mark.e2e  # inductor compiles C++ (tens of seconds on 2 cores)
+def test_inductor_compiles_one_graph_for_256_tokens_and_another_prompt(compiles):
+    compiled = compiles("inductor")
+    model = tiny_mamba2(solver="picard", tolerance=1e-5, eval_max_iterations=300, convergence_check_interval=2)
+    tokens = torch.randint(3, 64, (3, 4), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    torch._dynamo.utils.counters.clear()
+    expected = decode(model, tokens, mask, max_new_tokens=256)
+    got = decode(model, tokens, mask, max_new_tokens=256, compile_decoding=True)
+    more = decode(model, tokens[:, :3], mask[:, :3], compile_decoding=True)  # another prompt, same shapes
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got.sequences.shape == (3, 4 + 256) and more.sequences.shape == (3, 3 + 8)
+    assert len(compiled) == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompile across tokens and prompts
