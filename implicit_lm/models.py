@@ -16,6 +16,28 @@ from implicit_lm.files import unresolved_code_links
 from modeling_implicit import IMPLICIT_MODEL_TYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# Below this width an op of a decode step is microseconds of work: a second intra-op thread adds a barrier per op, and
+# on a loaded machine every barrier waits for whichever thread the scheduler has descheduled. Measured with the bundled
+# S5 model (hidden 128) beside two busy processes of the same kind: 19.6x slower than idle with 2 threads, 4.3x with
+# one (docs/BENCHMARKS.md); idle, one thread costs 7.8 s where two take 5.7-7.3 s.
+SMALL_MODEL_WIDTH = 512
+
+
+def threads_for_width(hidden_size: int) -> int:
+    """The intra-op threads that suit a model of width `hidden_size`: one below `SMALL_MODEL_WIDTH`, torch's current
+    setting otherwise."""
+    return 1 if hidden_size < SMALL_MODEL_WIDTH else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def is_implicit(model: torch.nn.Module) -> bool:

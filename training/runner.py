@@ -14,12 +14,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from tqdm.auto import tqdm
+
+from implicit_lm.models import intra_op_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,15 +34,9 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-@contextlib.contextmanager
-def all_threads() -> Iterator[None]:
+def all_threads() -> contextlib.AbstractContextManager[None]:
     """Every core for this process's own work (the evaluation after the jobs), restoring the thread count after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads_per_job(1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return intra_op_threads(threads_per_job(1))
 
 
 def finetune_command(*arguments: str) -> list[str]:
