@@ -186,9 +186,10 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             single-token step through `torch.compile` (one graph: the stack evaluation and the Picard update; inductor,
             which needs a C++ compiler on the CPU), on any device, under the same conditions as
             `cuda_graph_decoding` (with which it combines on CUDA: the compiled chunk is what the graph captures).
-            The first repeat of a shape compiles (tens of seconds; measured in docs/BENCHMARKS.md), every later token
-            of that shape reuses the graph; Llama's growing key/value cache never repeats a shape, so it decodes
-            eagerly. Outputs are those of the eager path within floating-point reassociation.
+            The first repeat of a shape compiles (seconds to tens of seconds; measured in docs/BENCHMARKS.md), every
+            later token of that shape reuses the graph; a process that decodes more distinct shapes (batch sizes)
+            than torch's recompile limit (8) decodes the rest eagerly. Llama's growing key/value cache never repeats
+            a shape, so it decodes eagerly. Outputs are those of the eager path within floating-point reassociation.
 
     Provenance:
         converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
