@@ -109,13 +109,15 @@ def best_of_rounds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[s
 
 class Decoder:
     """Greedy decoding of `new_tokens` after a prefill of `prompt`; each call returns the seconds per generated
-    token (the prefill not timed) and records the mean solver iterations per token in `iterations`. `overrides` are
+    token (the prefill not timed) and records the mean solver iterations per token in `iterations` (what the rows
+    need) and the largest in `paid` (what a batch evaluates: every row until the slowest converges). `overrides` are
     the solver settings of every call."""
 
     def __init__(self, model: Any, prompt: torch.Tensor, new_tokens: int, overrides: dict[str, Any] | None = None):
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
         self.overrides = overrides
         self.iterations: list[float] = []
+        self.paid: list[float] = []
 
     @torch.no_grad()
     def __call__(self) -> float:
@@ -123,6 +125,7 @@ class Decoder:
         cache = output_cache(output)
         first = output.logits[:, -1:].argmax(-1)
         per_token: list[torch.Tensor] = []
+        paid: list[torch.Tensor] = []
 
         def run() -> None:
             token = first
@@ -131,9 +134,11 @@ class Decoder:
                 token = step.logits[:, -1:].argmax(-1)
                 if step.solver_stats is not None:
                     per_token.append(step.solver_stats.iterations.float().mean())
+                    paid.append(step.solver_stats.iterations.float().max())
 
         seconds = timed(run, str(self.prompt.device)) / self.new_tokens
         self.iterations.append(float(torch.stack(per_token).mean()) if per_token else 1.0)
+        self.paid.append(float(torch.stack(paid).mean()) if paid else 1.0)
         return seconds
 
 
@@ -198,6 +203,8 @@ def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: ar
             "seconds_per_token": seconds,
             "tokens_per_second": prompt.shape[0] / seconds,
             "mean_iterations": iterations,
+            # evaluations the batch pays per token (its slowest row's iterations) per evaluation its rows need
+            "paid_per_needed": statistics.mean(decoders[name].paid) / iterations,
             "decode_overhead": seconds / ((iterations + 1) * step),
             "strict_decode_overhead": seconds / (step + (iterations - 1) * stack_step),
         }
@@ -298,7 +305,8 @@ def format_report(report: dict[str, Any]) -> str:
             if "compile_seconds" in row:
                 lines.append(f"{name}: compiled in {row['compile_seconds']:.1f} s (first run beyond its steady cost)")
             lines.append(f"decode ({name}): {row['seconds_per_token'] * 1e3:.1f} ms/token, "
-                         f"{row['tokens_per_second']:.2f} tokens/s, {row['mean_iterations']:.2f} iterations/token; "
+                         f"{row['tokens_per_second']:.2f} tokens/s, {row['mean_iterations']:.2f} iterations/token "
+                         f"(paid {row['paid_per_needed']:.3f}x); "
                          f"decode overhead {row['decode_overhead']:.3f} (target <= 1.10 CPU, 1.25 GPU), strict "
                          f"{row['strict_decode_overhead']:.3f}")
     simultaneous = report.get("simultaneous", {"by_iterations": {}})
