@@ -21,7 +21,10 @@ mkdir -p "$dir"
 staging=$(mktemp -d "$dir/.partial-XXXXXX")
 trap 'rm -rf "$staging"' EXIT
 python -m pip install -q wheel packaging ninja
+# setuptools builds in the tree: its build/ folder is removed afterwards unless it was there before.
+[ -e build ] && had_build=true || had_build=false
 python -m pip wheel -q --no-deps --no-build-isolation -w "$staging" .
+$had_build || rm -rf build
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python -m pip wheel -q --no-deps --no-build-isolation -w "$staging" "$mamba_ssm"
 python -m pip download -q --no-deps --only-binary :all: -d "$staging" "$einops"
 size_mib=$(du -sm "$staging" | cut -f1)

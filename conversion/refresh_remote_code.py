@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-import modeling_implicit  # registers the configurations
-from implicit_lm.files import atomic_output, is_package_code_link
+import modeling_implicit  # noqa: F401  (registers the configurations)
+from implicit_lm.files import atomic_output, is_package_code_link, package_code_dir
 
 from .reference import ConversionError, model_class
 
@@ -52,7 +52,7 @@ def refresh_remote_code(folder: str | Path, code: str | None = None) -> list[str
     link = code == "link" or (code is None and any(is_package_code_link(path) for path in folder.glob("*.py")))
     config = AutoConfig.from_pretrained(folder)
     model = model_class(config).from_pretrained(folder, dtype=config.dtype)
-    package = Path(modeling_implicit.__file__).resolve().parent
+    package = package_code_dir()
     with tempfile.TemporaryDirectory() as scratch:
         saved = Path(scratch)
         model.save_pretrained(saved)

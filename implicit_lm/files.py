@@ -21,21 +21,22 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-def _package_code_dir() -> Path:
+def package_code_dir() -> Path:
+    """The folder of this package's remote code (`modeling_implicit/`), resolved."""
     import modeling_implicit
 
     return Path(modeling_implicit.__file__).resolve().parent
 
 
 def _remote_code_files() -> frozenset[str]:
-    return frozenset(p.name for p in _package_code_dir().glob("*.py") if p.name != "__init__.py")
+    return frozenset(p.name for p in package_code_dir().glob("*.py") if p.name != "__init__.py")
 
 
 def is_package_code_link(path: Path) -> bool:
     """Whether `path` is a symlink to the same-named module of this package's remote code: how the repository's
     `models/` folders hold their code (one copy in the repository). Any other symlink is not ours."""
     return (path.is_symlink() and path.name in _remote_code_files()
-            and Path(os.path.realpath(path)) == _package_code_dir() / path.name)
+            and Path(os.path.realpath(path)) == package_code_dir() / path.name)
 
 
 def unresolved_code_links(folder: Path) -> str | None:

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_llama, tiny_mamba2
 
 from modeling_implicit import ConvergenceWarning, decode_graphs
+from modeling_implicit.compat import output_cache
 
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 
@@ -74,8 +75,6 @@ def test_compiled_decoding_is_left_out_where_a_graph_cannot_serve(compiles, sett
     tokens = torch.randint(3, 64, (2, 3), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings(), torch.set_grad_enabled(setting == "training"):
         warnings.simplefilter("ignore", ConvergenceWarning)
-        from modeling_implicit.compat import output_cache
-
         cache = output_cache(model(tokens, use_cache=True))
         for _ in range(3):
             model(tokens[:, -1:], cache=cache, use_cache=True, solver_overrides={"compile_decoding": True})

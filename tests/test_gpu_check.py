@@ -20,8 +20,10 @@ def run(*command: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpu") / "wheels"
+    had_build = (ROOT / "build").exists()
     result = run("bash", "benchmarks/build_gpu_wheels.sh", str(folder))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (ROOT / "build").exists() == had_build  # setuptools' in-tree build folder is not left behind
     return folder
 
 

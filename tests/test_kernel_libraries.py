@@ -137,7 +137,8 @@ def test_a_model_through_the_real_libraries_equals_the_reference(mamba_ssm, caus
     mask[0, :3] = 0
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # two iterations: not converged, on both paths alike
-        with monkeypatch_context(kernels, "_fast", lambda tensor, implementation: False):
+        with pytest.MonkeyPatch.context() as reference_path:
+            reference_path.setattr(kernels, "_fast", lambda tensor, implementation: False)
             expected = model(tokens, attention_mask=mask, use_cache=True)
         got = model(tokens, attention_mask=mask, use_cache=True)
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
@@ -145,9 +146,3 @@ def test_a_model_through_the_real_libraries_equals_the_reference(mamba_ssm, caus
     for a, b in zip(output_cache(got).states, output_cache(expected).states):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
-
-@contextlib.contextmanager
-def monkeypatch_context(owner: object, name: str, value: object):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(owner, name, value)
-        yield
