@@ -110,8 +110,9 @@ def best_of_rounds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[s
 class Decoder:
     """Greedy decoding of `new_tokens` after a prefill of `prompt`; each call returns the seconds per generated
     token (the prefill not timed) and records the mean solver iterations per token in `iterations` (what the rows
-    need) and the largest in `paid` (what a batch evaluates: every row until the slowest converges). `overrides` are
-    the solver settings of every call."""
+    need) and the mean evaluations in `paid` (what the batch evaluated for them, `SolverStats.evaluations`: with
+    `skip_converged_rows=False`, every row until the slowest converges). `overrides` are the solver settings of
+    every call."""
 
     def __init__(self, model: Any, prompt: torch.Tensor, new_tokens: int, overrides: dict[str, Any] | None = None):
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
@@ -134,7 +135,7 @@ class Decoder:
                 token = step.logits[:, -1:].argmax(-1)
                 if step.solver_stats is not None:
                     per_token.append(step.solver_stats.iterations.float().mean())
-                    paid.append(step.solver_stats.iterations.float().max())
+                    paid.append(step.solver_stats.evaluations.float().mean())
 
         seconds = timed(run, str(self.prompt.device)) / self.new_tokens
         self.iterations.append(float(torch.stack(per_token).mean()) if per_token else 1.0)
@@ -164,13 +165,15 @@ def step_runner(module: Any, prompt: torch.Tensor, steps: int = 4) -> Callable[[
 
 
 # Decode variants: name -> the solver overrides of its calls (`--compile` adds the compiled ones).
-DECODE_VARIANTS = {"eager": {}, "cuda_graphs": dict(cuda_graph_decoding=True),
+DECODE_VARIANTS = {"eager": {}, "eager_all_rows": dict(skip_converged_rows=False),
+                   "cuda_graphs": dict(cuda_graph_decoding=True),
                    "compiled": dict(compile_decoding=True),
                    "compiled_cuda_graphs": dict(compile_decoding=True, cuda_graph_decoding=True)}
 
 
 def decode_overhead(implicit: Any, explicit: Any, prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    names = ["eager"] + (["cuda_graphs"] if prompt.is_cuda else [])
+    # A batch also without setting converged rows aside (`skip_converged_rows=False`), to show what that saves.
+    names = ["eager"] + (["eager_all_rows"] if prompt.shape[0] > 1 else []) + (["cuda_graphs"] if prompt.is_cuda else [])
     if args.compile:
         names += ["compiled"] + (["compiled_cuda_graphs"] if prompt.is_cuda else [])
     decoders = {name: Decoder(implicit, prompt, args.new_tokens, DECODE_VARIANTS[name]) for name in names}

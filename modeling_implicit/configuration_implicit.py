@@ -26,7 +26,7 @@ INFERENCE_LOOPS = tuple(LOOPS_BY_MODE)
 SOLVER_OVERRIDE_FIELDS = (
     "max_iterations", "eval_max_iterations", "tolerance", "early_stop", "stop_mode", "damping", "solver",
     "anderson_memory", "phantom_steps", "phantom_damping", "backward", "inference_mode", "prefill_mode", "warm_start",
-    "convergence_check_interval", "cuda_graph_decoding", "compile_decoding", "inference_loop",
+    "convergence_check_interval", "skip_converged_rows", "cuda_graph_decoding", "compile_decoding", "inference_loop",
 )
 
 
@@ -177,19 +177,28 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             Each test synchronises the host with the device; samples that converge in between are frozen on the
             device all the same, so outputs and statistics do not depend on it (at most `interval - 1` evaluations
             of `f` are wasted after the last sample converges). Also the number of iterations one CUDA graph holds.
+        skip_converged_rows (`bool`, defaults to `True`): at each convergence test of a solve without a tape
+            (inference, and the tape-free part of a phantom-gradient step), gather the rows still iterating and
+            evaluate only them from then on, so that a batch pays for its rows' iterations rather than its slowest
+            row's for all of them (`SolverStats.evaluations` counts what each row paid). A gather copies the active
+            rows' committed states once per test at which some row stopped. Results are those of each row solved
+            alone; off with a stochastic stack (its noise is drawn for the whole batch) and in the graph paths
+            (`cuda_graph_decoding`, `compile_decoding`), whose shapes are fixed.
         cuda_graph_decoding (`bool`, defaults to `False`): on CUDA, capture `convergence_check_interval` solver
-            iterations of a single-token sequential step (Mamba2: a shape that repeats every token) in a CUDA graph
-            and replay it; eager whenever the shapes change (a new batch size, Llama's growing key/value cache),
-            when training, with `solver="anderson"`, a reference `inference_loop`, or a stochastic stack (Mamba2's
-            noise study). Outputs are those of the eager path.
+            iterations of a single-token sequential step in a CUDA graph over static buffers and replay it (Mamba2:
+            fixed-size states; Llama: attention over its whole key/value buffers, masked, so that the shapes change
+            only when the cache doubles its room); eager for the first token of a shape, when training, with
+            `solver="anderson"`, a reference `inference_loop`, a stochastic stack (Mamba2's noise study), Llama's
+            flash attention or attention maps. Outputs are those of the eager path without `skip_converged_rows`
+            (a graph evaluates the whole batch until its last row stops).
         compile_decoding (`bool`, defaults to `False`): run those `convergence_check_interval` iterations of a
             single-token step through `torch.compile` (one graph: the stack evaluation and the Picard update; inductor,
             which needs a C++ compiler on the CPU), on any device, under the same conditions as
             `cuda_graph_decoding` (with which it combines on CUDA: the compiled chunk is what the graph captures).
             The first repeat of a shape compiles (seconds to tens of seconds; measured in docs/BENCHMARKS.md), every
-            later token of that shape reuses the graph; a process that decodes more distinct shapes (batch sizes)
-            than torch's recompile limit (8) decodes the rest eagerly. Llama's growing key/value cache never repeats
-            a shape, so it decodes eagerly. Outputs are those of the eager path within floating-point reassociation.
+            later token of that shape reuses the graph (Llama: one graph per key/value buffer width, which doubles);
+            a process that compiled more shapes than torch's recompile limit (8) decodes the rest eagerly, with a
+            warning. Outputs are those of the eager path within floating-point reassociation.
 
     Provenance:
         converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
@@ -237,6 +246,7 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
     prefill_mode: str = "simultaneous"
     warm_start: bool = False
     convergence_check_interval: int = 1
+    skip_converged_rows: bool = True
     cuda_graph_decoding: bool = False
     compile_decoding: bool = False
     inference_loop: str = "per_sample"
@@ -310,8 +320,8 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             _require_number(name, getattr(self, name), lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         for name in ("damping", "phantom_damping"):
             _require_number(name, getattr(self, name), lambda v: 0 < v <= 1, "in (0, 1]")
-        for name in ("implicit", "warm_start", "cuda_graph_decoding", "compile_decoding", "early_stop",
-                     "residual_in_fp32"):
+        for name in ("implicit", "warm_start", "skip_converged_rows", "cuda_graph_decoding", "compile_decoding",
+                     "early_stop", "residual_in_fp32"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name, None)

@@ -19,6 +19,7 @@ check it).
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import astuple, fields, replace
@@ -31,6 +32,12 @@ from .solver_ops import FixedPointResult, SolveState
 
 # Graphs kept per model; each holds its static buffers (a few copies of the committed states).
 _CAPACITY = 2
+
+
+def _recompile_limit_error() -> type[BaseException] | tuple[()]:
+    """What `fullgraph` compiling raises once a code object reached torch's recompile limit (`()`: catches nothing
+    on a torch without it)."""
+    return getattr(getattr(torch, "_dynamo", None) and torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
 def compile_chunk(chunk: Callable[[], None]) -> Callable[[], None]:
@@ -99,11 +106,20 @@ class _TokenGraph:
             self._capture()
 
     def _interval(self) -> None:
-        """One chunk of `convergence_check_interval` iterations, compiled when asked for."""
+        """One chunk of `convergence_check_interval` iterations, compiled when asked for. Every graph compiles the
+        same code, so a process that compiled torch's recompile limit of them (8: batch sizes, Llama's buffer widths)
+        runs the rest eagerly; the failed compile ran nothing, so the chunk runs from the same state."""
         if self.compiled is not None:
-            self.compiled()
-        else:
-            self._chunk(self.settings.convergence_check_interval)
+            try:
+                self.compiled()
+                return
+            except _recompile_limit_error():
+                warnings.warn(
+                    "compile_decoding: torch's recompile limit (torch._dynamo.config.recompile_limit) is reached in "
+                    "this process; this shape decodes eagerly.", RuntimeWarning, stacklevel=2,
+                )
+                self.compiled = None
+        self._chunk(self.settings.convergence_check_interval)
 
     def _chunk(self, iterations: int) -> None:
         state = self.state
@@ -140,7 +156,11 @@ class _TokenGraph:
         state.diverged_at.zero_()
         state.step.zero_()
 
+        evaluations = 0
+
         def run_chunk(iterations: int, all_active: bool) -> SolveState:
+            nonlocal evaluations
+            evaluations += iterations
             if iterations != self.settings.convergence_check_interval:  # the remainder below the interval: eager
                 self._chunk(iterations)
             elif self.graph is not None:
@@ -151,10 +171,11 @@ class _TokenGraph:
 
         run_in_chunks(self.settings, run_chunk)
         # The static buffers are overwritten by the next token: hand out copies.
+        # Every row is evaluated until the chunk in which the last one stops (the graph's shapes are fixed).
         return FixedPointResult(
             state.out.clone(), _static_copy(state.aux), replace(state.stats(), **{
                 name: getattr(state, name).clone() for name in ("iterations", "residual", "converged")
-            })
+            }, evaluations=torch.full_like(state.iterations, evaluations))
         )
 
 

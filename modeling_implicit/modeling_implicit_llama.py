@@ -14,9 +14,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,11 +53,13 @@ class LengthExtrapolationWarning(UserWarning):
 
 class KeyValueBuffer(NamedTuple):
     """One layer of an `ImplicitLlamaCache`: `(batch, num_key_value_heads, capacity, head_dim)` key and value storage
-    whose first `length` positions are committed; the positions after them are scratch for the tokens being solved."""
+    whose first `length` positions are committed; the positions after them are scratch for the tokens being solved.
+    A 0-dim tensor `length` is a static decode step's (`static_decode_inputs`): the token's keys/values are written
+    at that position and the whole buffers attended to, under a mask of the same width."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    length: int
+    length: int | torch.Tensor
 
 
 class ImplicitLlamaCache(ImplicitCache):
@@ -66,8 +69,10 @@ class ImplicitLlamaCache(ImplicitCache):
     seq_len, head_dim)` in the model dtype, keys already rotated: views of the committed part of per-layer buffers
     that keep room after it. While the solver iterates on new tokens, each evaluation writes their keys/values (from
     the current iterate) into that room and attends to the buffer up to them, so the committed past is neither copied
-    nor written; `commit` writes the converged keys/values once. Room grows geometrically (`reserve`). A token's
-    entries depend only on itself and earlier tokens, so the cache can be cropped.
+    nor written; `commit` writes the converged keys/values once. Room grows geometrically (`reserve`) and starts
+    zeroed, so that a masked position never holds a NaN (a static decode step attends over the whole buffers, and
+    zero attention weight times NaN is NaN). A token's entries depend only on itself and earlier tokens, so the cache
+    can be cropped.
     """
 
     def __init__(self) -> None:
@@ -87,6 +92,13 @@ class ImplicitLlamaCache(ImplicitCache):
     def _num_layers(self) -> int:
         return len(self._buffers) // 2
 
+    def _apply_to_batch(self, fn: Any) -> None:
+        # The whole buffers, so that a reordered or selected cache keeps its room for the tokens being solved.
+        if self._buffers is not None:
+            self._buffers = tuple(fn(buffer) for buffer in self._buffers)
+        if self.fixed_point is not None:
+            self.fixed_point = fn(self.fixed_point)
+
     @property
     def capacity(self) -> int:
         """Positions the buffers hold, committed and scratch."""
@@ -101,7 +113,7 @@ class ImplicitLlamaCache(ImplicitCache):
         capacity = max(needed, 2 * self.capacity)
         grown = []
         for buffer in self._buffers:
-            new = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+            new = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
             new[:, :, : self.seen_tokens] = buffer[:, :, : self.seen_tokens]
             grown.append(new)
         self._buffers = tuple(grown)
@@ -109,7 +121,7 @@ class ImplicitLlamaCache(ImplicitCache):
     def _store(self, new_states: tuple[torch.Tensor, ...], num_tokens: int) -> None:
         if self._buffers is None:
             batch, heads, _, head_dim = new_states[0].shape
-            self._buffers = tuple(s.new_empty(batch, heads, 2 * num_tokens, head_dim) for s in new_states)
+            self._buffers = tuple(s.new_zeros(batch, heads, 2 * num_tokens, head_dim) for s in new_states)
         else:
             self.reserve(num_tokens + 1)  # and one more: the next token's iterations write without a copy
         start = self.seen_tokens
@@ -141,10 +153,13 @@ class ImplicitLlamaCache(ImplicitCache):
 @dataclass
 class LlamaStackInputs(StackInputs):
     """`StackInputs` plus the attention mask in the form the attention implementation takes (None: causal by
-    `is_causal` or nothing to mask) and the rotary `(cos, sin)` of the new tokens, `(batch or 1, seq_len, head_dim)`."""
+    `is_causal` or nothing to mask) and the rotary `(cos, sin)` of the new tokens, `(batch or 1, seq_len, head_dim)`.
+    `key_position` (0-dim) marks a static decode step (`ImplicitLlamaModel.static_decode_inputs`): the token's
+    keys/values go to that position of the cache's buffers, and the mask covers the buffers' whole width."""
 
     attention_mask: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_position: torch.Tensor | None = None
 
     def token(self, index: int, past_len: int) -> LlamaStackInputs:
         visible = past_len + index + 1
@@ -164,6 +179,11 @@ def _with_past(past: KeyValueBuffer, key: torch.Tensor, value: torch.Tensor) -> 
     """The committed keys/values followed by the new ones. Without a tape, the new ones go into the buffers' scratch
     room and the result is a view: no copy of the past per evaluation. With a tape (gradients through a sequential
     solve), a concatenation: an in-place write would clobber what autograd saved from the previous evaluation."""
+    if isinstance(past.length, torch.Tensor):  # static: shapes that do not change from token to token
+        position = past.length.view(1)
+        past.keys.index_copy_(2, position, key)
+        past.values.index_copy_(2, position, value)
+        return past.keys, past.values
     end = past.length + key.shape[2]
     recording = torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)
     if end <= past.keys.shape[2] and not recording:
@@ -173,6 +193,26 @@ def _with_past(past: KeyValueBuffer, key: torch.Tensor, value: torch.Tensor) -> 
     committed = slice(0, past.length)
     return (torch.cat([past.keys[:, :, committed], key], dim=2),
             torch.cat([past.values[:, :, committed], value], dim=2))
+
+
+def _causal_mask(
+    attention_mask: torch.Tensor | None, seq_len: int, past_len: int, width: int, dtype: torch.dtype,
+    device: torch.device, implementation: str,
+) -> torch.Tensor:
+    """The mask of `seq_len` new tokens after `past_len` committed ones over `width >= past_len + seq_len` keys (wider:
+    a static decode step's buffers, the keys after the new tokens masked out): sdpa's boolean form or eager's
+    additive one. `attention_mask` is the `(batch, past_len + seq_len)` padding mask or None."""
+    query_positions = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
+    key_positions = torch.arange(width, device=device)[None, :]
+    allowed = (key_positions <= query_positions)[None, None]
+    if attention_mask is not None:
+        padding = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]))
+        # A padding query sees only itself: no row is fully masked (sdpa would return NaN), and its output is
+        # discarded anyway (padding positions of z are held at zero).
+        allowed = (allowed & padding[:, None, None, :]) | (key_positions == query_positions)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class ImplicitLlamaAttention(nn.Module):
@@ -377,16 +417,22 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
             return attention_mask
         if attention_mask is None and (seq_len == 1 or (past_len == 0 and implementation == "sdpa")):
             return None
-        query_positions = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
-        key_positions = torch.arange(past_len + seq_len, device=device)[None, :]
-        allowed = (key_positions <= query_positions)[None, None]
-        if attention_mask is not None:
-            # A padding query sees only itself: no row is fully masked (sdpa would return NaN), and its output is
-            # discarded anyway (padding positions of z are held at zero).
-            allowed = (allowed & attention_mask[:, None, None, :].bool()) | (key_positions == query_positions)
-        if implementation == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return _causal_mask(attention_mask, seq_len, past_len, past_len + seq_len, dtype, device, implementation)
+
+    def static_decode_inputs(
+        self, stack_inputs: LlamaStackInputs, cache: ImplicitLlamaCache, attention_mask: torch.Tensor | None
+    ) -> tuple[LlamaStackInputs, tuple[torch.Tensor, ...]] | None:
+        """A decode step over the whole key/value buffers, whose width changes only when the cache grows (`reserve`
+        doubles it): the step's mask widened to the buffers (positions after the token masked out) and the token's
+        position as a tensor (`KeyValueBuffer`). None (eager) for attention maps and flash attention."""
+        implementation = self.config._attn_implementation
+        if stack_inputs.output_attentions or "flash" in implementation or cache.states is None:
+            return None
+        buffers = cache._buffers
+        mask = _causal_mask(attention_mask, 1, cache.seen_tokens, cache.capacity, buffers[0].dtype,
+                            buffers[0].device, implementation)
+        position = torch.tensor(cache.seen_tokens, device=buffers[0].device)
+        return replace(stack_inputs, attention_mask=mask, key_position=position), buffers
 
     def prepare_stack_inputs(
         self,
@@ -426,12 +472,15 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
         new_states: list[torch.Tensor] = []
         recorder = StackRecorder(stack_inputs, hidden_states)
         for index, layer in enumerate(self.layers):
+            past = None if cache is None else cache.layer(index)
+            if past is not None and stack_inputs.key_position is not None:
+                past = past._replace(length=stack_inputs.key_position)
             hidden_states, key_value, weights = layer(
                 hidden_states,
                 injection,
                 stack_inputs.position_embeddings,
                 stack_inputs.attention_mask,
-                None if cache is None else cache.layer(index),
+                past,
                 stack_inputs.output_attentions,
             )
             new_states.extend(key_value)

@@ -10,10 +10,11 @@ here once.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -137,6 +138,14 @@ class ImplicitCausalLMOutput(CausalLMOutputWithPast):
     solver_stats: SolverStats | None = None
 
 
+def _select_rows(value: Any, index: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if value.dim() == 0 or value.shape[0] == 1 else value.index_select(0, index)
+    if isinstance(value, tuple):
+        return type(value)(_select_rows(v, index) for v in value)
+    return value
+
+
 @dataclass
 class StackInputs:
     """What one evaluation of the layer stack needs besides `z` and the cache, built once per forward call before
@@ -158,6 +167,12 @@ class StackInputs:
         """The inputs of new token `index` alone: a sequential step after `past_len + index` committed tokens."""
         mask = None if self.padding_mask is None else self.padding_mask[:, index : index + 1]
         return replace(self, padding_mask=mask)
+
+    def rows(self, index: torch.Tensor) -> StackInputs:
+        """The inputs of the batch rows `index` alone (what the solver evaluates once other rows converged): every
+        tensor field (or tuple of tensors) with the batch in dimension 0 is selected; one of batch 1 broadcasts and
+        is kept (a selection happens only in a batch of two or more)."""
+        return replace(self, **{f.name: _select_rows(getattr(self, f.name), index) for f in fields(self)})
 
 
 class StackRecorder:
@@ -278,6 +293,13 @@ class ImplicitCache(Cache):
             self.states = tuple(fn(s) for s in self.states)
         if self.fixed_point is not None:
             self.fixed_point = fn(self.fixed_point)
+
+    def rows(self, index: torch.Tensor) -> ImplicitCache:
+        """A cache of the same kind holding copies of the batch rows `index` of this one, which is left unchanged:
+        what the solver evaluates against once other rows of the batch converged."""
+        selected = copy.copy(self)
+        selected._apply_to_batch(lambda s: s.index_select(0, index.to(s.device)))
+        return selected
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_batch(lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -452,6 +474,38 @@ class SolvedStack:
     attentions: tuple[torch.Tensor, ...] | None
 
 
+@dataclass
+class StackFunction:
+    """The map `f` a solve iterates: `z -> (f(z), (states, hidden_states, attentions))`, one `evaluate` of the stack
+    on `z` with the injected input, against the committed `cache` (only read), padding positions held at zero.
+    `select_rows` gives the same map on a subset of the batch rows, which the solver evaluates alone once the other
+    rows converged (None when an evaluation couples the rows: a stochastic stack draws its noise for the batch)."""
+
+    evaluate: Callable[..., tuple[torch.Tensor, Any]]
+    injection: torch.Tensor | None
+    stack_inputs: StackInputs
+    cache: ImplicitCache | None
+    return_states: bool
+    rows_separable: bool = True
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        out, aux = self.evaluate(z, self.injection, self.stack_inputs, self.cache, self.return_states)
+        out = out.to(z.dtype)
+        if self.stack_inputs.padding_mask is not None:
+            out = out * self.stack_inputs.padding_mask[..., None].to(out.dtype)
+        return out, aux
+
+    def select_rows(self, index: torch.Tensor) -> StackFunction | None:
+        if not self.rows_separable:
+            return None
+        return replace(
+            self,
+            injection=None if self.injection is None else self.injection.index_select(0, index),
+            stack_inputs=self.stack_inputs.rows(index),
+            cache=None if self.cache is None else self.cache.rows(index),
+        )
+
+
 class FixedPointCall:
     """One forward call of an implicit backbone, resolved once: its solver settings (`config`, the model's or a
     validated copy with the call's `solver_overrides`), its cache, the committed length `past_len`, the validated
@@ -506,17 +560,8 @@ class FixedPointCall:
     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
         """`z -> (f(z), (states, hidden_states, attentions))`: one evaluation of the stack against the committed
         `cache` (only read), padding positions held at zero."""
-        keep = None if stack_inputs.padding_mask is None else stack_inputs.padding_mask[..., None]
-        evaluate = self.backbone.evaluate_stack
-
-        def f(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            out, aux = evaluate(z, injection, stack_inputs, cache, return_states)
-            out = out.to(z.dtype)
-            if keep is not None:
-                out = out * keep.to(out.dtype)
-            return out, aux
-
-        return f
+        return StackFunction(self.backbone.evaluate_stack, injection, stack_inputs, cache, return_states,
+                             rows_separable=not self.config.stochastic_stack)
 
     def _solve(self, f: Callable, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
                ) -> FixedPointResult:
@@ -586,10 +631,14 @@ class FixedPointCall:
     ) -> FixedPointResult | None:
         """One decode token through the backbone's `DecodeGraphs` (None: this shape runs eagerly)."""
         backbone, cache = self.backbone, self.cache
+        static = backbone.static_decode_inputs(stack_inputs, cache, self.attention_mask)
+        if static is None:
+            return None
+        stack_inputs, states = static
         if getattr(backbone, "_decode_graphs", None) is None:
             backbone._decode_graphs = DecodeGraphs()
-        # A graph's static cache keeps the token count it was captured with: where the count matters (the Llama
-        # cache's committed length) it is the states' shape, which is part of the graph's key.
+        # A graph's static cache keeps the token count it was captured with: a family whose step reads the count
+        # passes it in its static inputs (Llama's `key_position`).
         seen_tokens = cache.seen_tokens
 
         def make_function(static_injection, static_inputs, static_states):
@@ -601,7 +650,7 @@ class FixedPointCall:
             make_function,
             injection,
             stack_inputs,
-            cache.states,
+            states,
             torch.zeros_like(inputs_embeds) if start is None else start,
             SolverSettings.from_config(self.config, training=False, mode="sequential"),
             capture=self.config.cuda_graph_decoding and inputs_embeds.is_cuda,
@@ -663,6 +712,15 @@ class ImplicitBackboneMixin:
         `(batch, past_len + seq_len)` mask or None (no padding)."""
         raise NotImplementedError
 
+    def static_decode_inputs(
+        self, stack_inputs: StackInputs, cache: ImplicitCache, attention_mask: torch.Tensor | None
+    ) -> tuple[StackInputs, Any] | None:
+        """What a decode step through static buffers (`decode_graphs`) copies into them each token: the step's stack
+        inputs and the cache states (restored into a cache of this family for the graph's function), with shapes
+        that repeat from token to token; None runs the step eagerly. `attention_mask` is the call's validated
+        `(batch, past_len + 1)` mask or None. As they are here: fixed-size recurrent states."""
+        return stack_inputs, cache.states
+
     def evaluate_stack(
         self,
         hidden_states: torch.Tensor,
@@ -692,10 +750,10 @@ class ImplicitBackboneMixin:
             solver_overrides = {**self.training_overrides, **(solver_overrides or {})}
         if solver_overrides:
             return self.config.with_overrides(solver_overrides)
-        fields = dict(vars(self.config))
-        if fields != getattr(self, "_validated_config_fields", None):
+        current = dict(vars(self.config))
+        if current != getattr(self, "_validated_config_fields", None):
             self.config.validate()
-            self._validated_config_fields = fields
+            self._validated_config_fields = current
         return self.config
 
     def validate_inputs(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> None:

@@ -47,6 +47,7 @@ def iterate_global_then_undamped(fn: FixedPointFunction, z0: torch.Tensor, setti
         iterations=torch.full((batch,), steps, dtype=torch.long, device=z0.device),
         residual=residual.float().expand(batch).clone(),
         converged=(residual < settings.tolerance).expand(batch).clone(),
+        evaluations=torch.full((batch,), steps + 1, dtype=torch.long, device=z0.device),
     )
     return FixedPointResult(out, aux, stats)
 
@@ -61,8 +62,10 @@ def iterate_best_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings: 
     best_x, best_aux = z0, None
     best_residual = torch.full((batch,), float("inf"), device=z0.device)
     best_step = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    evaluations = 0
     for step in range(settings.max_iterations):
         fx, aux = fn(x)
+        evaluations += 1
         fx = (settings.damping * fx + (1 - settings.damping) * x).to(x.dtype)
         difference = (at_least_float32(fx) - at_least_float32(x)).flatten(1).norm(dim=1)
         residual = difference / (at_least_float32(fx).flatten(1).norm(dim=1) + _BEST_EPS)
@@ -79,7 +82,8 @@ def iterate_best_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings: 
             )
         if residual.max() < settings.tolerance:
             break
-    stats = SolverStats(best_step, best_residual, best_residual < settings.tolerance)
+    stats = SolverStats(best_step, best_residual, best_residual < settings.tolerance,
+                        torch.full((batch,), evaluations, dtype=torch.long, device=z0.device))
     return FixedPointResult(best_x, best_aux, stats)
 
 

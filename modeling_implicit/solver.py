@@ -9,7 +9,7 @@ never depends on its batch mates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class SolverSettings:
     backward: str
     convergence_check_interval: int = 1
     loop: str = "per_sample"
+    skip_converged_rows: bool = True
 
     @classmethod
     def from_config(cls, config: Any, training: bool, mode: str = "simultaneous") -> SolverSettings:
@@ -63,6 +64,7 @@ class SolverSettings:
             backward=config.backward,
             convergence_check_interval=config.convergence_check_interval,
             loop="per_sample" if training else LOOPS_BY_MODE[config.inference_loop][mode],
+            skip_converged_rows=config.skip_converged_rows,
         )
 
 
@@ -142,6 +144,12 @@ class _AndersonUpdate:
     def __call__(self, state: SolveState, fz: torch.Tensor) -> SolveState:
         return advance(state, fz, self.mixer.step(state.z, fz), self.tolerance, self.stop_mode)
 
+    def select_rows(self, index: torch.Tensor) -> _AndersonUpdate:
+        """Keep the history of the rows `index` alone (`_ActiveRows`)."""
+        if self.mixer.xs is not None:
+            self.mixer.xs, self.mixer.fs = self.mixer.xs.index_select(0, index), self.mixer.fs.index_select(0, index)
+        return self
+
 
 # The solvers (the config's `solver`): name -> the update of one solve, built from the settings it reads.
 SOLVER_UPDATES: dict[str, Callable[[SolverSettings], Update]] = {
@@ -172,7 +180,8 @@ def check_divergence(state: SolveState, diverged: bool) -> None:
     of `state.diverged_at.any()`)."""
     if not diverged:
         return
-    samples = state.diverged_at.nonzero().flatten().tolist()
+    samples = state.diverged_at.nonzero().flatten()
+    samples = (samples if state.rows is None else state.rows[samples]).tolist()
     first = int(state.diverged_at[state.diverged_at > 0].min())
     raise SolverDivergenceError(
         f"Fixed-point solver diverged: the residual of batch sample(s) {samples} is NaN or infinite from iteration "
@@ -199,19 +208,90 @@ def run_in_chunks(settings: SolverSettings, run_chunk: Callable[[int, bool], Sol
             return state
 
 
+def _select(value: Any, index: torch.Tensor) -> Any:
+    if value is None or isinstance(value, torch.Tensor):
+        return value if value is None or value.dim() == 0 else value.index_select(0, index)
+    return type(value)(_select(v, index) for v in value)
+
+
+def _scatter(into: Any, index: torch.Tensor, value: Any) -> None:
+    if isinstance(into, torch.Tensor):
+        if into.dim() > 0:
+            into.index_copy_(0, index, value)
+    elif into is not None:
+        for i, v in zip(into, value):
+            _scatter(i, index, v)
+
+
+class _ActiveRows:
+    """Rows that stopped stop costing compute (`skip_converged_rows`): at a convergence test where some rows of the
+    state stopped, the rows still iterating are gathered into a smaller state, with the function of those rows alone
+    (`fn.select_rows`) and the update's history of them, and the stopped ones are written to the full batch's state.
+    A row's result is unchanged: rows never interact. Only tape-free: a gather would cut an unrolled tape."""
+
+    def __init__(self, fn: FixedPointFunction, settings: SolverSettings, batch: int, device: torch.device):
+        self.fn = fn  # the whole batch's; every subset is selected from it
+        self.enabled = settings.skip_converged_rows and not torch.is_grad_enabled() and hasattr(fn, "select_rows")
+        self.full: SolveState | None = None  # the whole batch's state, rows set aside written into it
+        self.evaluations = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def paid(self, state: SolveState, iterations: int) -> None:
+        """Count `iterations` evaluations for every row of `state`."""
+        if state.rows is None:
+            self.evaluations += iterations
+        else:
+            self.evaluations.index_add_(0, state.rows, torch.full_like(state.rows, iterations))
+
+    def shrink(self, state: SolveState, update: Update) -> tuple[SolveState, FixedPointFunction, Update] | None:
+        """The active rows of `state` alone, their function and update; None (and no shrink from now on) when `fn`
+        cannot select rows."""
+        keep = state.active.nonzero().flatten()
+        rows = keep if state.rows is None else state.rows[keep]
+        fn = self.fn.select_rows(rows)
+        if fn is None:
+            self.enabled = False
+            return None
+        self._set_aside(state)
+        selected = SolveState(**{f.name: _select(getattr(state, f.name), keep) for f in fields(SolveState)})
+        select_history = getattr(update, "select_rows", None)
+        return replace(selected, rows=rows), fn, update if select_history is None else select_history(keep)
+
+    def _set_aside(self, state: SolveState) -> None:
+        if self.full is None:  # the first shrink: the state is the whole batch's (and no update writes it again)
+            self.full = state
+            return
+        for f in fields(SolveState):
+            if f.name not in ("rows", "step"):
+                _scatter(getattr(self.full, f.name), state.rows, getattr(state, f.name))
+
+    def finish(self, state: SolveState) -> SolveState:
+        """The whole batch's final state."""
+        if self.full is None:
+            return state
+        self._set_aside(state)
+        return replace(self.full, step=state.step)
+
+
 def _iterate_per_sample(fn: FixedPointFunction, z0: torch.Tensor, settings: SolverSettings) -> FixedPointResult:
-    """Our loop: `settings.solver`'s update per sample, converged samples frozen (see the module docstring)."""
+    """Our loop: `settings.solver`'s update per sample, converged samples frozen (see the module docstring), and set
+    aside at the convergence tests so that they cost nothing more when the solve allows it (`_ActiveRows`)."""
     state = SolveState.start(z0)
     update = make_update(settings)
+    active_rows = _ActiveRows(fn, settings, z0.shape[0], z0.device)
 
     def run_chunk(iterations: int, all_active: bool) -> SolveState:
-        nonlocal state
+        nonlocal state, fn, update
+        if not all_active and active_rows.enabled:
+            shrunk = active_rows.shrink(state, update)
+            if shrunk is not None:
+                (state, fn, update), all_active = shrunk, True
         for index in range(iterations):
             state = solver_iteration(fn, state, update, all_active=all_active and index == 0)
+        active_rows.paid(state, iterations)
         return state
 
-    state = run_in_chunks(settings, run_chunk)
-    return FixedPointResult(state.out, state.aux, state.stats())
+    state = active_rows.finish(run_in_chunks(settings, run_chunk))
+    return FixedPointResult(state.out, state.aux, replace(state.stats(), evaluations=active_rows.evaluations))
 
 
 # The inference loops (`SolverSettings.loop`, picked per mode by `LOOPS_BY_MODE`): name -> the loop.

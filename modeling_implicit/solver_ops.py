@@ -31,19 +31,25 @@ class SolverStats:
         iterations: evaluations of `f` until the sample converged or hit the cap.
         residual: the residual (see `ImplicitPreTrainedConfig.stop_mode`) at the last iteration, float32.
         converged: whether the residual fell below the tolerance.
+        evaluations: evaluations of `f` computed for the sample, its `iterations` plus those its batch paid for it
+            after it stopped (a batch without `skip_converged_rows`, the rest of a `convergence_check_interval`, a
+            reference loop's coupled batch; None where a caller built the statistics without it).
     """
 
     iterations: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
+    evaluations: torch.Tensor | None = None
 
     @classmethod
     def stack(cls, per_token: list[SolverStats]) -> SolverStats:
         """Join the `(batch,)` stats of consecutive token solves into `(batch, seq_len)` stats."""
+        evaluations = [s.evaluations for s in per_token]
         return cls(
             iterations=torch.stack([s.iterations for s in per_token], dim=1),
             residual=torch.stack([s.residual for s in per_token], dim=1),
             converged=torch.stack([s.converged for s in per_token], dim=1),
+            evaluations=None if any(e is None for e in evaluations) else torch.stack(evaluations, dim=1),
         )
 
 
@@ -83,7 +89,8 @@ class SolveState:
 
     `z` is the next iterate, `out`/`aux` the evaluation of `f` at each sample's last active iterate, `active` the
     samples still iterating, `diverged_at` the first iteration whose residual was NaN/inf (0: none) and `step` the
-    number of iterations run (a 0-dim tensor, so that a captured CUDA graph can advance it).
+    number of iterations run (a 0-dim tensor, so that a captured CUDA graph can advance it). `rows` are the rows of
+    the solve's batch the state holds, once the rows that stopped were set aside (None: all of them, in order).
 
     An update (`picard_update`, `solver_iteration`) takes a state and returns the next one, and the state it took is
     spent: the PyTorch reference builds new tensors (what autograd needs), the fused kernel, used only without a tape,
@@ -99,6 +106,7 @@ class SolveState:
     converged: torch.Tensor
     diverged_at: torch.Tensor
     step: torch.Tensor
+    rows: torch.Tensor | None = None
 
     @classmethod
     def start(cls, z0: torch.Tensor) -> SolveState:

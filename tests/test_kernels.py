@@ -220,8 +220,9 @@ def test_library_kernels_are_called_with_the_reference_conventions(monkeypatch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
-def test_convergence_check_interval_does_not_change_results(family, mode):
-    model = FAMILIES[family](inference_mode=mode)
+@pytest.mark.parametrize("skip_converged_rows", [False, True])
+def test_convergence_check_interval_does_not_change_results(family, mode, skip_converged_rows):
+    model = FAMILIES[family](inference_mode=mode, skip_converged_rows=skip_converged_rows)
     tokens = ids()
     mask = torch.ones_like(tokens)
     mask[1, :2] = 0
@@ -230,9 +231,16 @@ def test_convergence_check_interval_does_not_change_results(family, mode):
         model.config.convergence_check_interval = interval
         with torch.no_grad():
             results[interval] = model(tokens, attention_mask=mask)
-    assert torch.equal(results[1].logits, results[4].logits)
-    for name in ("iterations", "residual", "converged"):
-        assert torch.equal(getattr(results[1].solver_stats, name), getattr(results[4].solver_stats, name))
+    first, second = results[1].solver_stats, results[4].solver_stats
+    if not skip_converged_rows:  # the whole batch evaluated every time: bitwise
+        assert torch.equal(results[1].logits, results[4].logits)
+        for name in ("iterations", "residual", "converged"):
+            assert torch.equal(getattr(first, name), getattr(second, name))
+    else:
+        # Rows set aside at other tests run in other batch shapes: rounding can move a convergence test by an
+        # iteration, and in sequential mode the next tokens start from states that differ within the tolerance.
+        torch.testing.assert_close(results[1].logits, results[4].logits, atol=1e-4, rtol=1e-4)
+        assert (first.iterations - second.iterations).abs().float().mean() <= 1
 
 
 def test_interval_divergence_is_still_reported():
@@ -261,16 +269,20 @@ def test_graph_decoding_equals_eager(graph_decoding, family):
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
     settings = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    # A graph evaluates the whole batch until its last row stops: the eager path that does the same.
+    model.config.skip_converged_rows = False
     expected = model.generate(tokens, attention_mask=mask, **settings)
     model.config.cuda_graph_decoding = True
     graphed = model.generate(tokens, attention_mask=mask, **settings)
     assert torch.equal(graphed.sequences, expected.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(graphed.scores, expected.scores))
     graphs = model.base_model._decode_graphs.graphs
-    if family == "mamba2":  # fixed-size states: one graph serves every token after the first
+    if family == "mamba2":  # fixed-size states: one graph serves every token after the first, bitwise eager
+        assert all(torch.equal(a, b) for a, b in zip(graphed.scores, expected.scores))
         assert len(graphs) == 1
-    else:  # the key/value cache grows every token: the shape never repeats, decoding stays eager
-        assert len(graphs) == 0
+    else:  # attention over the whole key/value buffers, masked: eager within rounding, a graph per buffer width
+        for a, b in zip(graphed.scores, expected.scores):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert len(graphs) >= 1
 
 
 @pytest.mark.parametrize("graphs", [False, True])

@@ -103,6 +103,35 @@ def test_batch_with_left_padding_equals_each_sequence_alone(make_model):
     assert torch.equal(generated[1, 7:], alone[0, 4:])
 
 
+def test_a_batch_pays_for_its_rows_iterations_and_decodes_as_without_setting_rows_aside(make_model):
+    model = make_model(tolerance=1e-5, eval_max_iterations=300)
+    tokens = ids(batch=6, length=5, seed=4)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    mask[4, :4] = 0
+    runs = {}
+    for skip in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mi.ConvergenceWarning)
+            runs[skip] = model.generate(
+                tokens, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                return_dict_in_generate=True, output_scores=True, solver_overrides=dict(skip_converged_rows=skip),
+            )
+        with torch.no_grad():
+            runs[skip].stats = model(runs[skip].sequences, attention_mask=torch.cat(
+                [mask, torch.ones(6, 5, dtype=mask.dtype)], 1), solver_overrides=dict(
+                    skip_converged_rows=skip, inference_mode="sequential")).solver_stats
+    # The same ids; logits within what the tolerance allows (a row's solve in another batch shape rounds otherwise).
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for a, b in zip(runs[True].scores, runs[False].scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    shared, alone = runs[False].stats, runs[True].stats
+    # Per token, the whole batch pays its slowest row's iterations for every row; set aside, each row pays its own.
+    assert torch.equal(shared.evaluations, shared.iterations.max(0, keepdim=True).values.expand_as(shared.iterations))
+    assert torch.equal(alone.evaluations, alone.iterations)
+    assert alone.evaluations.float().mean() < 0.95 * shared.evaluations.float().mean()
+
+
 @pytest.mark.parametrize("prefill_mode", ["simultaneous", "sequential"])
 def test_greedy_generation_equals_recomputing_the_whole_sequence(make_model, prefill_mode):
     model = make_model(prefill_mode=prefill_mode)

@@ -159,3 +159,71 @@ def test_no_tape_without_grad():
     with torch.no_grad():
         result = solve_fixed_point(linear_map(0.5 * torch.eye(3), bias), torch.zeros(1, 3), settings())
     assert not result.z.requires_grad
+
+
+class RowwiseMap:
+    """f(z) = z W^T + b with `select_rows`, recording the batch size of every evaluation."""
+
+    def __init__(self, weight, bias, calls=None):
+        self.weight, self.bias, self.calls = weight, bias, [] if calls is None else calls
+
+    def __call__(self, z):
+        self.calls.append(z.shape[0])
+        return z @ self.weight.T + self.bias, (self.bias.sum(-1) + 0 * z.sum(-1),)
+
+    def select_rows(self, index):
+        return type(self)(self.weight, self.bias.index_select(0, index), self.calls)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize("interval", [1, 3])
+def test_rows_that_stopped_are_set_aside_and_cost_nothing_more(solver, interval):
+    # Row r's bias is scaled by 10^-r: the rows need different numbers of iterations from zero.
+    weight = contraction(5, 0.8)
+    bias = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bias = bias * torch.tensor([1.0, 1e-3, 1e3, 1e-6], dtype=torch.float64)[:, None]
+    results = {}
+    for skip in (False, True):
+        fn = RowwiseMap(weight, bias)
+        with torch.no_grad():
+            results[skip] = solve_fixed_point(fn, torch.zeros(4, 5, dtype=torch.float64), settings(
+                solver=solver, tolerance=1e-6, convergence_check_interval=interval, skip_converged_rows=skip))
+        results[skip].calls = fn.calls
+    shared, alone = results[False], results[True]
+    assert len(set(alone.stats.iterations.tolist())) > 1
+    torch.testing.assert_close(alone.z, shared.z, atol=1e-12, rtol=0)
+    torch.testing.assert_close(alone.aux[0], bias.sum(-1))  # the rows' aux back in their places
+    assert torch.equal(alone.stats.iterations, shared.stats.iterations)
+    assert torch.equal(alone.stats.converged, shared.stats.converged)
+    # The whole batch pays its slowest row's iterations for every row; set aside, each row pays its own (rounded up
+    # to the next convergence test), and the function saw only the rows still iterating.
+    slowest = int(shared.stats.iterations.max())
+    rounded_up = -(-slowest // interval) * interval
+    assert shared.stats.evaluations.tolist() == [min(rounded_up, 200)] * 4
+    expected = (-(-alone.stats.iterations // interval) * interval).clamp(max=200)
+    assert torch.equal(alone.stats.evaluations, expected)
+    assert sum(alone.calls) == int(alone.stats.evaluations.sum()) < sum(shared.calls)
+    assert min(alone.calls) < 4
+
+
+def test_divergence_after_rows_were_set_aside_names_the_batch_row():
+    class Diverging(RowwiseMap):
+        def __call__(self, z):
+            out, aux = super().__call__(z)
+            late = len(self.calls) > 5
+            return torch.where((self.bias[:, :1] > 10) & late, out * float("nan"), out), aux
+
+    bias = torch.tensor([[0.0] * 3, [1.0] * 3, [0.0] * 3, [100.0] * 3], dtype=torch.float64)
+    fn = Diverging(contraction(3, 0.5), bias)
+    with torch.no_grad(), pytest.raises(SolverDivergenceError, match=r"sample\(s\) \[3\]"):
+        solve_fixed_point(fn, torch.zeros(4, 3, dtype=torch.float64), settings(tolerance=1e-6))
+    assert min(fn.calls) < 4  # rows 0 and 2 (at their fixed point at once) were set aside before row 3 diverged
+
+
+def test_rows_are_never_set_aside_under_a_tape():
+    weight, bias = contraction(3, 0.5), torch.tensor([[0.0] * 3, [1.0] * 3], dtype=torch.float64)
+    fn = RowwiseMap(weight, bias.requires_grad_())
+    solved = solve_fixed_point(fn, torch.zeros(2, 3, dtype=torch.float64), settings(backward="unrolled"))
+    assert set(fn.calls) == {2}
+    solved.z.sum().backward()
+    assert bias.grad is not None
