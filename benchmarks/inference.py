@@ -12,9 +12,12 @@ warm-up, and each keeps its fastest time (the least disturbed by other load). Re
   where the stack-only step is the explicit backbone's cached forward (no head): every cost but the stack counted once.
   On CUDA, decoding is timed eager and with CUDA graphs (`cuda_graph_decoding`). With `--compile`, also with
   `compile_decoding` (and, on CUDA, both), against the explicit step compiled by `torch.compile` as the compiled
-  floor; the compile time is the first compiled run's time beyond its steady cost.
+  floor; the compile time is the first compiled run's time beyond its steady cost. At batch > 1 also eager without
+  setting converged rows aside (`skip_converged_rows=False`); `paid_per_needed` is the evaluations the batch paid per
+  evaluation its rows needed.
 - simultaneous overhead = implicit no-grad forward with exactly S iterations / (S x explicit forward), and strict:
-  / (explicit forward + (S - 1) x explicit backbone forward).
+  / (explicit forward + (S - 1) x explicit backbone forward). With `--compile`, also with `compile_simultaneous`
+  (its speed-up over eager and its compile time).
 - iterations per token at equal tolerance (sequential mode over a prompt): Picard, Anderson, warm start and both,
   with the share saved and the largest logit change against Picard; on the random model built here and, with
   `--model`, on trained ones (the bundled story model, say). A trained model need not be a contraction: two solvers
@@ -229,11 +232,18 @@ def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, ar
         "explicit_forward": partial(timed, lambda: explicit(tokens, use_cache=False), device),
         "explicit_stack": partial(timed, lambda: explicit.base_model(tokens, use_cache=False), device),
     }
+    compile_seconds = {}
     for iterations in args.simultaneous_iterations:
         overrides = dict(eval_max_iterations=iterations, early_stop=False, inference_mode="simultaneous")
-        forward = partial(timed, lambda overrides=overrides: implicit(tokens, use_cache=False,
-                                                                      solver_overrides=overrides), device)
-        runs[iterations] = partial(_quietly, forward)
+        variants = {iterations: overrides}
+        if args.compile:
+            variants[f"compiled {iterations}"] = dict(overrides, compile_simultaneous=True)
+        for name, variant in variants.items():
+            forward = partial(timed, lambda variant=variant: implicit(tokens, use_cache=False,
+                                                                      solver_overrides=variant), device)
+            runs[name] = partial(_quietly, forward)
+            if name != iterations:  # the first run compiles
+                compile_seconds[iterations] = runs[name]()
     best = best_of_rounds(runs, args.repeats)
     explicit_forward, explicit_stack = best["explicit_forward"], best["explicit_stack"]
     rows = {}
@@ -244,6 +254,10 @@ def simultaneous_overhead(implicit: Any, explicit: Any, tokens: torch.Tensor, ar
             "simultaneous_overhead": seconds / (iterations * explicit_forward),
             "strict_simultaneous_overhead": seconds / (explicit_forward + (iterations - 1) * explicit_stack),
         }
+        if args.compile:
+            compiled = best[f"compiled {iterations}"]
+            rows[iterations].update(compiled_seconds=compiled, compiled_speedup=seconds / compiled,
+                                    compile_seconds=compile_seconds[iterations] - compiled)
     return {"explicit_forward_seconds": explicit_forward, "explicit_stack_seconds": explicit_stack,
             "by_iterations": rows}
 
@@ -317,6 +331,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"simultaneous, S={iterations}: {row['seconds'] * 1e3:.1f} ms; overhead "
                      f"{row['simultaneous_overhead']:.3f} (target <= 1.10), strict "
                      f"{row['strict_simultaneous_overhead']:.3f}")
+        if "compiled_seconds" in row:
+            lines.append(f"simultaneous compiled (compile_simultaneous), S={iterations}: "
+                         f"{row['compiled_seconds'] * 1e3:.1f} ms, {row['compiled_speedup']:.2f}x eager, compiled in "
+                         f"{row['compile_seconds']:.1f} s")
     for label, rows in report.get("iterations", {}).items():
         lines.append(f"iterations per token at tolerance {report['tolerance']} ({label}):")
         for name, row in rows.items():
@@ -343,7 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default="decode,simultaneous,iterations",
                         help="comma-separated subset of decode, simultaneous, iterations")
     parser.add_argument("--compile", action="store_true",
-                        help="also time compile_decoding, against the explicit step compiled by torch.compile")
+                        help="also time compile_decoding, against the explicit step compiled by torch.compile, and "
+                             "compile_simultaneous against eager simultaneous mode")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
     for name in ("batch", "prompt_length", "new_tokens", "repeats", "convergence_check_interval"):

@@ -34,6 +34,7 @@ SOLVER_FLAGS = {
     "convergence_check_interval": int,
     "cuda_graph_decoding": _boolean,
     "compile_decoding": _boolean,
+    "compile_simultaneous": _boolean,
 }
 
 

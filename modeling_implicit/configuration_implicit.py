@@ -26,7 +26,8 @@ INFERENCE_LOOPS = tuple(LOOPS_BY_MODE)
 SOLVER_OVERRIDE_FIELDS = (
     "max_iterations", "eval_max_iterations", "tolerance", "early_stop", "stop_mode", "damping", "solver",
     "anderson_memory", "phantom_steps", "phantom_damping", "backward", "inference_mode", "prefill_mode", "warm_start",
-    "convergence_check_interval", "skip_converged_rows", "cuda_graph_decoding", "compile_decoding", "inference_loop",
+    "convergence_check_interval", "skip_converged_rows", "cuda_graph_decoding", "compile_decoding", "compile_simultaneous",
+    "inference_loop",
 )
 
 
@@ -199,6 +200,12 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
             later token of that shape reuses the graph (Llama: one graph per key/value buffer width, which doubles);
             a process that compiled more shapes than torch's recompile limit (8) decodes the rest eagerly, with a
             warning. Outputs are those of the eager path within floating-point reassociation.
+        compile_simultaneous (`bool`, defaults to `False`): evaluate the stack of simultaneous solves (full-sequence
+            forwards, prefills) through `torch.compile` (inductor, automatic dynamic shapes: a second sequence
+            length or batch size recompiles once with symbolic sizes) whenever no tape is recorded (inference, the
+            tape-free part of a phantom-gradient step). Measured on this project's CPU: 1.2-1.9x per evaluation
+            after 8-30 s of compiling (docs/BENCHMARKS.md); pays on long evaluations of one shape. Outputs are those
+            of the eager path within floating-point reassociation.
 
     Provenance:
         converted_from (`dict`, *optional*): set by `conversion.convert_reference` on a converted checkpoint: the
@@ -249,6 +256,7 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
     skip_converged_rows: bool = True
     cuda_graph_decoding: bool = False
     compile_decoding: bool = False
+    compile_simultaneous: bool = False
     inference_loop: str = "per_sample"
     converted_from: dict[str, Any] | None = None
 
@@ -321,7 +329,7 @@ class ImplicitPreTrainedConfig(PretrainedConfig):
         for name in ("damping", "phantom_damping"):
             _require_number(name, getattr(self, name), lambda v: 0 < v <= 1, "in (0, 1]")
         for name in ("implicit", "warm_start", "skip_converged_rows", "cuda_graph_decoding", "compile_decoding",
-                     "early_stop", "residual_in_fp32"):
+                     "compile_simultaneous", "early_stop", "residual_in_fp32"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name, None)

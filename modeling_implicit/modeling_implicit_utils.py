@@ -378,6 +378,11 @@ def solve_mode(training: bool, cache_passed: bool, seq_len: int, config: Implici
     return "sequential" if seq_len == 1 else config.prefill_mode
 
 
+def compile_stack(evaluate: Callable[..., Any]) -> Callable[..., Any]:
+    """A backbone's `evaluate_stack` compiled for `compile_simultaneous` (inductor, automatic dynamic shapes)."""
+    return torch.compile(evaluate)
+
+
 def decode_graphs_apply(config: ImplicitPreTrainedConfig) -> bool:
     """The config asks for the static-buffer decode path (CUDA graphs, torch.compile) and allows it: implicit, Picard
     (Anderson's history is not static), our per-sample loop, a deterministic stack (fresh random draws per evaluation
@@ -479,7 +484,8 @@ class StackFunction:
     """The map `f` a solve iterates: `z -> (f(z), (states, hidden_states, attentions))`, one `evaluate` of the stack
     on `z` with the injected input, against the committed `cache` (only read), padding positions held at zero.
     `select_rows` gives the same map on a subset of the batch rows, which the solver evaluates alone once the other
-    rows converged (None when an evaluation couples the rows: a stochastic stack draws its noise for the batch)."""
+    rows converged (None when an evaluation couples the rows: a stochastic stack draws its noise for the batch).
+    `compiled_evaluate` (`compile_simultaneous`) is `evaluate` compiled, used for evaluations without a tape."""
 
     evaluate: Callable[..., tuple[torch.Tensor, Any]]
     injection: torch.Tensor | None
@@ -487,9 +493,13 @@ class StackFunction:
     cache: ImplicitCache | None
     return_states: bool
     rows_separable: bool = True
+    compiled_evaluate: Callable[..., tuple[torch.Tensor, Any]] | None = None
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        out, aux = self.evaluate(z, self.injection, self.stack_inputs, self.cache, self.return_states)
+        evaluate = self.evaluate
+        if self.compiled_evaluate is not None and not torch.is_grad_enabled():
+            evaluate = self.compiled_evaluate
+        out, aux = evaluate(z, self.injection, self.stack_inputs, self.cache, self.return_states)
         out = out.to(z.dtype)
         if self.stack_inputs.padding_mask is not None:
             out = out * self.stack_inputs.padding_mask[..., None].to(out.dtype)
@@ -556,12 +566,14 @@ class FixedPointCall:
 
     def function(
         self, injection: torch.Tensor | None, stack_inputs: StackInputs, cache: ImplicitCache | None,
-        return_states: bool,
-    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
+        return_states: bool, compiled: bool = False,
+    ) -> StackFunction:
         """`z -> (f(z), (states, hidden_states, attentions))`: one evaluation of the stack against the committed
-        `cache` (only read), padding positions held at zero."""
+        `cache` (only read), padding positions held at zero; `compiled`: through the backbone's compiled stack
+        when no tape is recorded."""
         return StackFunction(self.backbone.evaluate_stack, injection, stack_inputs, cache, return_states,
-                             rows_separable=not self.config.stochastic_stack)
+                             rows_separable=not self.config.stochastic_stack,
+                             compiled_evaluate=self.backbone.compiled_evaluate_stack() if compiled else None)
 
     def _solve(self, f: Callable, embeddings: torch.Tensor, mode: str, start: torch.Tensor | None = None
                ) -> FixedPointResult:
@@ -578,8 +590,9 @@ class FixedPointCall:
         """All new tokens iterate together (training, full-sequence forwards, a simultaneous prefill); the states
         of the fixed point are committed to the cache once."""
         cache = self.cache
-        result = self._solve(self.function(injection, stack_inputs, cache, return_states=cache is not None),
-                             inputs_embeds, "simultaneous")
+        f = self.function(injection, stack_inputs, cache, return_states=cache is not None,
+                          compiled=self.config.compile_simultaneous)
+        result = self._solve(f, inputs_embeds, "simultaneous")
         states, hidden_states, attentions = result.aux
         if cache is not None:
             cache.commit(states, self.seq_len, fixed_point=result.z[:, -1:])
@@ -711,6 +724,14 @@ class ImplicitBackboneMixin:
         """Build, once per call, what every evaluation of the stack needs. `attention_mask` is the validated
         `(batch, past_len + seq_len)` mask or None (no padding)."""
         raise NotImplementedError
+
+    def compiled_evaluate_stack(self) -> Callable[..., tuple[torch.Tensor, Any]]:
+        """`evaluate_stack` through `torch.compile` (`compile_simultaneous`), made once per backbone: automatic
+        dynamic shapes, so that a new sequence length or batch size recompiles once with symbolic sizes, not per
+        size; graph breaks allowed (past torch's recompile limit a shape runs eagerly)."""
+        if getattr(self, "_compiled_evaluate_stack", None) is None:
+            self._compiled_evaluate_stack = compile_stack(self.evaluate_stack)
+        return self._compiled_evaluate_stack
 
     def static_decode_inputs(
         self, stack_inputs: StackInputs, cache: ImplicitCache, attention_mask: torch.Tensor | None

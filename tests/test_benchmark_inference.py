@@ -28,3 +28,12 @@ def test_benchmark_reports_every_ratio(tmp_path, capsys, family):
 def test_benchmark_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         inference.main(["--size", "tiny", "--tolerance", "0"])
+
+
+def test_a_batch_reports_what_it_paid_with_and_without_setting_rows_aside():
+    report = inference.main(["--family", "mamba2", "--size", "tiny", "--device", "cpu", "--new-tokens", "3",
+                             "--prompt-length", "4", "--batch", "4", "--repeats", "1", "--sections", "decode"])
+    decode = report["decode"]
+    assert decode["eager"]["paid_per_needed"] == pytest.approx(1.0)  # each row pays its own iterations
+    assert decode["eager_all_rows"]["paid_per_needed"] > 1.0  # every row until the slowest converged
+    assert decode["eager"]["mean_iterations"] == pytest.approx(decode["eager_all_rows"]["mean_iterations"], rel=0.1)

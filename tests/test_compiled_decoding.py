@@ -1,9 +1,11 @@
 """`compile_decoding`: the solver iterations of a single-token step compiled by torch.compile over the static buffers
-of `decode_graphs.py`. Compiled decoding gives eager decoding's ids (logits within 1e-5, same iteration counts), with
-and without padding, compiles one graph for a whole generation, and stays eager where a graph cannot serve.
+of `decode_graphs.py`. Compiled decoding gives eager decoding's ids (logits within 1e-5; eager evaluating the whole
+batch, as a graph does), with and without padding, for both families, compiles one graph for a whole generation
+(Llama: one per key/value buffer width), and stays eager where a graph cannot serve. `compile_simultaneous`: the
+whole-sequence stack compiled, eager's results and gradients.
 
 The fast tests compile with the `aot_eager` backend (the same tracing, `fullgraph`: any graph break fails; no code
-generation); the e2e test compiles with inductor, what users get."""
+generation); the e2e tests compile with inductor, what users get."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def test_compiled_decoding_gives_the_eager_ids_and_logits(compiles, family, padd
     mask = torch.ones_like(tokens)
     if padded:
         mask[0, :2] = 0
-    expected = decode(model, tokens, mask)
+    expected = decode(model, tokens, mask, skip_converged_rows=False)  # a graph evaluates the whole batch
     got = decode(model, tokens, mask, compile_decoding=True)
     assert torch.equal(got.sequences, expected.sequences)
     for a, b in zip(got.scores, expected.scores):
@@ -90,7 +92,7 @@ def test_inductor_compiles_one_graph_for_256_tokens_and_another_prompt(compiles)
     mask = torch.ones_like(tokens)
     mask[1, :2] = 0
     torch._dynamo.utils.counters.clear()
-    expected = decode(model, tokens, mask, max_new_tokens=256)
+    expected = decode(model, tokens, mask, max_new_tokens=256, skip_converged_rows=False)
     got = decode(model, tokens, mask, max_new_tokens=256, compile_decoding=True)
     more = decode(model, tokens[:, :3], mask[:, :3], compile_decoding=True)  # another prompt, same shapes
     assert torch.equal(got.sequences, expected.sequences)
@@ -120,3 +122,80 @@ def test_past_the_recompile_limit_a_shape_decodes_eagerly(compiles, monkeypatch)
         assert len(limit_hit) == (batch == 3)
     assert len(compiled) == 2
     torch._dynamo.reset()
+
+
+# --- compile_simultaneous: the whole-sequence stack evaluation compiled -------------------------------------------
+
+
+@pytest.fixture
+def stack_compiles(monkeypatch):
+    """The stack evaluations compiled during a test, through `backend`."""
+    from modeling_implicit import modeling_implicit_utils
+
+    compiled = []
+
+    def compile_with(backend: str):
+        def compile_stack(evaluate):
+            compiled.append(evaluate)
+            return torch.compile(evaluate, backend=backend)
+
+        monkeypatch.setattr(modeling_implicit_utils, "compile_stack", compile_stack)
+        return compiled
+
+    return compile_with
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_simultaneous_mode_and_prefill_give_the_eager_results(stack_compiles, family):
+    compiled = stack_compiles("aot_eager")
+    model = FAMILIES[family](tolerance=1e-5, eval_max_iterations=300)
+    tokens = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(tokens)
+    mask[2, :3] = 0
+    results = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for on in (False, True):
+            # The whole batch at every evaluation: fewer shapes to trace (a smaller batch would recompile once)
+            overrides = dict(compile_simultaneous=on, skip_converged_rows=False)
+            full = model(tokens, attention_mask=mask, use_cache=False, solver_overrides=overrides)
+            prefill = model(tokens[:, :4], attention_mask=mask[:, :4], use_cache=True, solver_overrides=overrides)
+            rest = model(tokens[:, 4:], attention_mask=mask, cache=output_cache(prefill), use_cache=True,
+                         solver_overrides=overrides)
+            results[on] = (full, prefill, rest)
+    for got, expected in zip(results[True], results[False]):
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got.solver_stats.iterations, expected.solver_stats.iterations)
+    assert len(compiled) == 1  # one compiled stack per backbone, whatever the shapes
+
+
+def test_compiled_simultaneous_training_step_has_the_eager_gradients(stack_compiles):
+    compiled = stack_compiles("aot_eager")
+    gradients = {}
+    for on in (False, True):
+        model = tiny_mamba2(tolerance=1e-5, max_iterations=40)
+        model.train()
+        tokens = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+        loss = model(tokens, labels=tokens, solver_overrides=dict(compile_simultaneous=on)).loss
+        loss.backward()
+        gradients[on] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(compiled) == 1  # the tape-free solve compiled; the phantom steps with a tape ran eagerly
+    for a, b in zip(gradients[True], gradients[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.e2e  # inductor compiles C++: one graph per key/value buffer width
+def test_inductor_compiles_llama_decoding_once_per_buffer_width(compiles):
+    compiled = compiles("inductor")
+    model = tiny_llama(solver="picard", tolerance=1e-5, eval_max_iterations=300)
+    tokens = torch.randint(3, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens)
+    mask[0, :1] = 0
+    torch._dynamo.utils.counters.clear()
+    expected = decode(model, tokens, mask, max_new_tokens=24, skip_converged_rows=False)
+    got = decode(model, tokens, mask, max_new_tokens=24, compile_decoding=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The prompt's 4 tokens leave room for 8; the room doubles to 16 and 32 while 24 tokens are decoded.
+    assert len(compiled) == torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
