@@ -17,10 +17,12 @@ each folder, not this package's classes). Figures go to `outputs/demo/` (`demo.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,21 @@ STATE_TRACKING_BASES = ("implicit-mamba2", "mamba2-16layer")
 STORY_MODEL = "implicit-mamba2-stories"
 # Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
 DEMO_SEED = 2026
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bars off while the demo prints its tables (each model is loaded between
+    them); restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def load_bundled(folder: Path) -> Any:
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The bundled models are narrow: one intra-op thread, which keeps the demo's pace on a loaded machine.
     widest = max(json.loads((args.models_dir / name / "config.json").read_text())["hidden_size"]
                  for name in (*bundled, STORY_MODEL))
-    with intra_op_threads(threads_for_width(widest)):
+    with intra_op_threads(threads_for_width(widest)), _no_loading_bars():
         payload = {"state_tracking": state_tracking(args), "stories": stories(args)}
     payload["seconds"] = time.perf_counter() - start
     write_json(args.output_dir / "demo.json", payload)

@@ -25,10 +25,10 @@ def save_figure(figure: Any, path: str | os.PathLike) -> None:
 
 def new_figure(columns: int = 1, width: float = 6.0, height: float = 4.0, rows: int = 1) -> tuple[Any, Any]:
     """A headless matplotlib figure of `rows` x `columns` panels (Agg backend: no display needed); the axes are a
-    2-D array in every case."""
+    2-D array in every case. The constrained layout keeps a row's axis labels off the next row's titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    return plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False, layout="constrained")
