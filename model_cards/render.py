@@ -326,18 +326,18 @@ def _usage(config: ImplicitPreTrainedConfig, repo_id: str, tokenizer: str) -> st
         "    outputs = model(**inputs)\n"
         "print(outputs.solver_stats.iterations, outputs.solver_stats.residual, outputs.solver_stats.converged)\n"
         "```\n\n"
-        "Solver settings are config fields: override them when loading, or later on `model.config` (they are checked "
-        "on every forward). More test-time iterations or a tighter tolerance spend more compute per token:\n\n"
+        "Test-time compute is chosen per call with `solver_overrides` (checked, and `model.config` left as it is): "
+        "more iterations or a tighter tolerance spend more compute per token. The same fields given to "
+        "`from_pretrained` change the model's defaults.\n\n"
         "```python\n"
-        "model = AutoModelForCausalLM.from_pretrained(\n"
-        f'    "{repo_id}",\n'
-        "    trust_remote_code=True,\n"
-        f"    eval_max_iterations={2 * config.eval_max_iterations},  # this model: {config.eval_max_iterations}\n"
-        f"    tolerance={config.tolerance / 5:g},  # this model: {config.tolerance:g}\n"
-        '    solver="anderson",  # Anderson acceleration instead of damped fixed-point iteration\n'
-        '    inference_mode="sequential",  # full-sequence forwards token by token, like generation\n'
-        ")\n"
-        f"model.config.eval_max_iterations = {config.eval_max_iterations}  # back to this model's cap, no reload\n"
+        "overrides = {\n"
+        f'    "eval_max_iterations": {2 * config.eval_max_iterations},  # this model: {config.eval_max_iterations}\n'
+        f'    "tolerance": {config.tolerance / 5:g},  # this model: {config.tolerance:g}\n'
+        '    "solver": "anderson",  # Anderson acceleration instead of damped fixed-point iteration\n'
+        "}\n"
+        "output_ids = model.generate(**inputs, max_new_tokens=20, solver_overrides=overrides)\n"
+        "with torch.no_grad():  # a full-sequence forward token by token, like generation\n"
+        '    outputs = model(**inputs, solver_overrides={"inference_mode": "sequential"})\n'
         "```"
     )
 

@@ -1,6 +1,10 @@
 """Model cards: rendering for both families, Hub metadata, the paper's numbers, and validation."""
 
+import re
+import warnings
+
 import pytest
+import torch
 from implicit_lm.model_cards import PAPER_ARCHITECTURES, PAPER_RESULTS, render_model_card, validate_model_card
 from implicit_lm.model_cards.paper_results import PRESETS
 
@@ -20,6 +24,7 @@ def llama_config(**overrides) -> mi.ImplicitLlamaConfig:
 
 
 CONFIGS = {"mamba2": mamba2_config, "llama": llama_config}
+MODELS = {"mamba2": mi.ImplicitMamba2ForCausalLM, "llama": mi.ImplicitLlamaForCausalLM}
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -35,8 +40,19 @@ def test_card_renders_and_validates(family):
     assert "base_model" not in metadata
     assert 'AutoModelForCausalLM.from_pretrained("org/tiny-implicit", trust_remote_code=True)' in card
     assert 'AutoTokenizer.from_pretrained("EleutherAI/gpt-neox-20b")' in card
-    for usage in ("solver_stats", "eval_max_iterations=", "tolerance=", 'solver="anderson"', "sequential"):
+    for usage in ("solver_stats", '"eval_max_iterations":', '"tolerance":', '"solver": "anderson"',
+                  "solver_overrides=overrides", '"inference_mode": "sequential"'):
         assert usage in card
+    assert "model.config." not in card  # settings per call, never by changing the loaded model's config
+    # The solver example runs as written on a model of this config.
+    example = re.findall(r"```python\n(.*?)```", card, re.S)[-1]
+    model = MODELS[family](CONFIGS[family]()).eval()
+    namespace = {"torch": torch, "model": model, "inputs": {"input_ids": torch.randint(3, 64, (1, 5))}}  # block 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mi.ConvergenceWarning)
+        exec(compile(example, "card example", "exec"), namespace)
+    assert namespace["output_ids"].shape == (1, 25)
+    assert namespace["outputs"].solver_stats.iterations.shape == (1, 5)  # sequential: one solve per token
     assert "| `hidden_size` | `32` |" in card
     assert "| `eval_max_iterations` | `96` |" in card
     assert "not re-measured" not in card  # no preset: no paper results
