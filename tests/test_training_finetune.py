@@ -167,6 +167,20 @@ def test_bad_input_is_refused_before_any_work(workspace, tmp_path, capsys, monke
     assert "pass --resume" in error_of(*command(workspace, tmp_path / "other", "--max-steps", 4))
 
 
+def test_fsdp_asked_for_but_not_set_up_is_refused(workspace, tmp_path, capsys, monkeypatch):
+    """accelerate falls back from FSDP without a word where it cannot shard (here: one CPU process); the run would
+    train unsharded. It is refused before any work, naming what accelerate set up instead."""
+    from implicit_lm.training.finetune import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` exports
+    with pytest.raises(SystemExit) as exit_info:
+        main(command(workspace, tmp_path / "out", "--max-steps", 2)[3:])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "FSDP was asked for" in message and "set up NO with 1 process(es)" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_stream_is_reproducible_and_sharded():
     from implicit_lm.training.data import DataError, RowStream
 

@@ -321,6 +321,11 @@ class RunLog:
                 file.write(json.dumps(record) + "\n")
 
 
+def _fsdp_requested() -> bool:
+    """Whether the launch asked accelerate for FSDP (`accelerate launch` exports its config as environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -343,6 +348,14 @@ def train(args: argparse.Namespace) -> Path:
             f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: on a machine "
             "without GPUs, set ACCELERATE_USE_CPU=true (ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "--num_processes N ...)"
+        )
+    if _fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate falls back without a word (no GPUs: plain DDP, or processes that each train alone).
+        raise TrainingError(
+            f"FSDP was asked for (ACCELERATE_USE_FSDP, set by `accelerate launch --use_fsdp` or an FSDP config) but "
+            f"accelerate set up {accelerator.distributed_type.value} with {accelerator.num_processes} process(es), "
+            "which would train unsharded; accelerate's FSDP needs GPUs (training/accelerate_fsdp.yaml). Drop the "
+            "FSDP setting to train this way knowingly."
         )
     if (args.save_every or args.resume) and accelerator.distributed_type in (DistributedType.DEEPSPEED,
                                                                               DistributedType.MEGATRON_LM):
