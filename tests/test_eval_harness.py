@@ -155,3 +155,66 @@ def test_generation_respects_the_task_limit(saved_models, tmp_path):
     payload = run(tmp_path, folder, *options)
     # One prefill per request, then at most 8 - 1 single-token decoding steps.
     assert payload["tasks"]["implicit_local_continue"]["solver_stats"]["per_token"]["count"] <= 2 * 7
+
+
+BUNDLED_WORD_PROBLEM_MODELS = ("implicit-mamba2-a5", "implicit-mamba2-s5", "mamba2-16layer-a5", "mamba2-16layer-s5")
+
+
+@pytest.mark.parametrize("name", BUNDLED_WORD_PROBLEM_MODELS)
+def test_every_bundled_tokenizer_has_bos_eos_and_pad(name):
+    from conftest import ROOT
+    from transformers import AutoTokenizer
+
+    folder = ROOT / "models" / name
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    for kind in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        assert token_id is not None and token_id < config["vocab_size"]
+        assert config[f"{kind}_token_id"] == generation[f"{kind}_token_id"] == token_id
+    elements = "01234 12034 01342"
+    assert tokenizer.decode(tokenizer(elements)["input_ids"]).split() == elements.split()
+
+
+LM_EVAL_TASKS = {  # lm-eval's three request types, over a local JSON Lines file (no Hub)
+    "wp_loglikelihood": {"output_type": "loglikelihood", "doc_to_text": "{{context}}",
+                         "doc_to_target": " {{continuation}}", "metric_list": [{"metric": "acc"}]},
+    "wp_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                   "metric_list": [{"metric": "word_perplexity"}]},
+    "wp_generate": {"output_type": "generate_until", "doc_to_text": "{{context}}",
+                    "doc_to_target": " {{continuation}}", "metric_list": [{"metric": "exact_match"}],
+                    "generation_kwargs": {"until": ["</s>"], "max_gen_toks": 2, "do_sample": False}},
+}
+
+
+@pytest.mark.e2e  # lm-eval's own CLI in a subprocess
+def test_lm_evals_own_hf_model_runs_every_request_type_on_a_bundled_model(tmp_path):
+    """`lm_eval --model hf` with no extra arguments: it needs BOS (rolling log-likelihood's prefix) and EOS
+    (generate_until) from the tokenizer; the bundled word-problem tokenizers once had neither."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in [
+        {"context": "01234 12034", "continuation": "12034", "text": "01234 12034 12034 01342"},
+        {"context": "12034 12034", "continuation": "20134", "text": "12034 20134 01234"},
+    ]) + "\n")
+    for task, fields in LM_EVAL_TASKS.items():
+        spec = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", **fields}
+        (tmp_path / f"{task}.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf",
+               "--model_args", f"pretrained={ROOT / 'models' / 'implicit-mamba2-a5'},trust_remote_code=True",
+               "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(tmp_path), "--batch_size", "2",
+               "--device", "cpu", "--output_path", str(output)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = output.rglob("results*.json")
+    results = json.loads(results_file.read_text())["results"]
+    assert results["wp_loglikelihood"]["acc,none"] == 1.0  # the implicit A5 model tracks the product
+    assert math.isfinite(results["wp_rolling"]["word_perplexity,none"])
+    assert "exact_match,none" in results["wp_generate"]

@@ -50,7 +50,12 @@ from tqdm.auto import tqdm
 from implicit_lm.files import atomic_output, atomic_write, write_json
 from implicit_lm.models import load_model
 from implicit_lm.provenance import run_metadata
-from implicit_lm.tasks.word_problems import element_names, get_monoid, word_problem_tokenizer
+from implicit_lm.tasks.word_problems import (
+    WORD_PROBLEM_SPECIAL_TOKENS,
+    element_names,
+    get_monoid,
+    word_problem_tokenizer,
+)
 
 GROUPS = ("A5", "S5")
 TRAIN_LENGTH = 32
@@ -194,15 +199,18 @@ def family(spec: ModelSpec) -> str:
 
 def build_config(spec: ModelSpec, group_size: int) -> Any:
     """The small Mamba2 of the experiment: hidden `spec.hidden_size`, state 16, heads of 16 channels, one group; the
-    vocabulary is the group's elements padded to a multiple of 16 (64 for A5, 128 for S5), as Mamba pads its
-    vocabularies."""
+    vocabulary is the group's elements and the tokenizer's special tokens (`word_problem_tokenizer`) padded to a
+    multiple of 16 (64 for A5, 128 for S5, 256 for the mixed set), as Mamba pads its vocabularies."""
     from modeling_implicit import ImplicitMamba2Config
 
     first = spec.stages[0]
     # A stage without a tolerance runs a fixed count, in training and (the unrolled baseline) at test time.
     stop = {"early_stop": False} if first.tolerance is None else {"tolerance": first.tolerance}
+    specials = {name.replace("_token", "_token_id"): group_size + index
+                for index, name in enumerate(WORD_PROBLEM_SPECIAL_TOKENS)}
     return ImplicitMamba2Config(
-        vocab_size=-(-group_size // 16) * 16, hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
+        vocab_size=-(-(group_size + len(specials)) // 16) * 16, **specials,
+        hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
         state_size=16, head_dim=16, n_groups=1, chunk_size=32, implicit=spec.implicit, backward=spec.backward,
         max_iterations=first.max_iterations, phantom_steps=first.phantom_steps,
         eval_max_iterations=spec.eval_max_iterations, **stop,

@@ -185,11 +185,18 @@ def element_names(group: str) -> list[str]:
     return ["".join(map(str, row)) for row in get_monoid(group).permutations.tolist()]
 
 
+# The special tokens of a word-problem tokenizer, after the group's elements (ids `len(elements)` on): what tools
+# expect of a language model's tokenizer (lm-eval's `hf` model prefixes rolling log-likelihoods with BOS and stops
+# generation at EOS; batches pad). The models never saw them in training.
+WORD_PROBLEM_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
 def word_problem_tokenizer(group: str) -> Any:
     """A word-level tokenizer over `element_names(group)` whose token ids are the element indices, so that the text
-    `"01342 12034 ..."` is a word problem (and `pipeline("text-generation")` reads and writes elements). It has no
-    special tokens: the vocabulary is exactly the group's; an unknown word is an error, not a silent `<unk>`."""
-    return word_level_tokenizer(element_names(group))
+    `"01342 12034 ..."` is a word problem (and `pipeline("text-generation")` reads and writes elements), followed by
+    `WORD_PROBLEM_SPECIAL_TOKENS`. An unknown word is an error, not a silent `<unk>`."""
+    names = element_names(group)
+    return word_level_tokenizer([*names, *WORD_PROBLEM_SPECIAL_TOKENS.values()], WORD_PROBLEM_SPECIAL_TOKENS)
 
 
 def _check_sizes(num_samples: int, length: int) -> None:
