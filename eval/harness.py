@@ -37,6 +37,52 @@ LOCAL_TASKS = ("implicit_local_choice", "implicit_local_lastword", "implicit_loc
 TASK_ALIASES = {"paper": PAPER_TASKS, "local": LOCAL_TASKS}
 
 
+def padding_aware_lm(hflm: type) -> type:
+    """lm-eval's `HFLM` (`hflm`) telling the model which positions of its right-padded log-likelihood batches are
+    padding. `HFLM` pads a batch's rows to the longest without an attention mask; a causal transformer's logits do
+    not see right padding, but an implicit model's solve of a row does (its convergence test covers the padding),
+    so scores would depend on the batch size. Given the mask, padding is held at zero and never enters a test.
+
+    lm-eval builds the batch with `pad_and_concat` in `lm_eval.models.huggingface` and keeps the row lengths to
+    itself: the subclass records them by wrapping that function for the duration of a log-likelihood call (lm-eval
+    0.4.x; with an lm-eval without it, the plain `HFLM` behaviour, and a warning)."""
+    import lm_eval.models.huggingface as huggingface
+    import torch
+
+    class PaddingAwareHFLM(hflm):
+        _row_lengths: list[int] | None = None
+
+        def _loglikelihood_tokens(self, *args: Any, **kwargs: Any) -> Any:
+            pad_and_concat = getattr(huggingface, "pad_and_concat", None)
+            if pad_and_concat is None:
+                logger.warning("lm-eval has no pad_and_concat: padded rows enter the implicit solve; scores may "
+                               "depend on --batch-size")
+                return super()._loglikelihood_tokens(*args, **kwargs)
+
+            def recording(max_length: int, tensors: list, *rest: Any, **options: Any) -> Any:
+                self._row_lengths = [tensor.shape[0] for tensor in tensors]
+                return pad_and_concat(max_length, tensors, *rest, **options)
+
+            huggingface.pad_and_concat = recording
+            try:
+                return super()._loglikelihood_tokens(*args, **kwargs)
+            finally:
+                huggingface.pad_and_concat = pad_and_concat
+                self._row_lengths = None
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            lengths = self._row_lengths
+            if attn_mask is not None or lengths is None or len(lengths) != inps.shape[0]:
+                return super()._model_call(inps, attn_mask, labels)
+            positions = torch.arange(inps.shape[1], device=inps.device)
+            mask = (positions[None] < torch.tensor(lengths, device=inps.device)[:, None]).long()
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, attention_mask=mask).logits
+
+    return PaddingAwareHFLM
+
+
 def _drop_local_dataset_hint(record: logging.LogRecord) -> bool:
     # lm-eval logs for every task with a `custom_dataset` that it takes `--metadata` options; the local ones take none.
     return not record.getMessage().startswith(tuple(f"{task}: Custom kwargs" for task in LOCAL_TASKS))
@@ -214,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # lm-eval bounds generation with `max_length` (context + max_gen_toks); a `max_new_tokens` saved in the model's
     # generation config would take precedence over it and generate past the task's limit.
     model.generation_config.max_new_tokens = None
-    lm = HFLM(
+    lm = padding_aware_lm(HFLM)(
         pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size, max_length=args.max_length
     )
     implicit = is_implicit(model)
