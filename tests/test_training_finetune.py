@@ -181,6 +181,35 @@ def test_fsdp_asked_for_but_not_set_up_is_refused(workspace, tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
+def test_report_to_tensorboard_logs_every_record_and_never_takes_a_foreign_folder(workspace, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from implicit_lm.training.finetune import main
+
+    run_dir = tmp_path / "run"
+    main(command(workspace, run_dir, "--max-steps", 3, "--report-to", "tensorboard")[3:])
+    accumulators = [EventAccumulator(str(path.parent)).Reload()  # the scalars, and the run's settings (hparams)
+                    for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*")]
+    (accumulator,) = [found for found in accumulators if "loss" in found.Tags()["scalars"]]
+    losses = accumulator.Scalars("loss")
+    assert [event.step for event in losses] == [1, 2, 3]
+    assert [event.value for event in losses] == pytest.approx([line["loss"] for line in log_lines(run_dir)])
+    assert "iterations_mean" in accumulator.Tags()["scalars"]
+    # --overwrite deletes the tracker's folder with the rest of the run.
+    main(command(workspace, run_dir, "--max-steps", 2, "--overwrite")[3:])
+    assert not (run_dir / "tensorboard").exists()
+    # A tensorboard/ folder that no run of ours wrote is neither written into nor deleted.
+    other = tmp_path / "other"
+    (other / "tensorboard").mkdir(parents=True)
+    (other / "tensorboard" / "mine.txt").write_text("keep")
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(SystemExit):
+            main(command(workspace, other, "--max-steps", 2, "--report-to", "tensorboard", *extra)[3:])
+    assert [path.name for path in (other / "tensorboard").iterdir()] == ["mine.txt"]
+    assert not (other / "final").exists()
+
+
 def test_data_stream_is_reproducible_and_sharded():
     from implicit_lm.training.data import DataError, RowStream
 

@@ -22,7 +22,8 @@
   gradient clipping, mixed precision from accelerate's config (`--mixed-precision`).
 - Curriculum (training/curriculum.py): phases with their fraction of the optimizer steps and solver settings, applied
   to the model config at phase boundaries. `paper` is the two-phase (4+1) -> (24+4) Mamba2 / (32+4) Llama recipe.
-- Logs: a tqdm bar on the main process and `train_log.jsonl` in the output folder, one line per optimizer step (loss,
+- Logs: a tqdm bar on the main process, `--report-to tensorboard` (accelerate's tracker, event files in
+  `tensorboard/`), and `train_log.jsonl` in the output folder, one line per optimizer step (loss,
   learning rate, gradient norm, phase, solver iterations and residuals) and one per evaluation.
 - Output folder: a folder holding an earlier run (`final/`, `train_log.jsonl` or checkpoints) is refused unless
   `--resume` continues it (a finished one has nothing left to do) or `--overwrite` starts afresh, deleting those and
@@ -86,6 +87,7 @@ from .schedule import make_scheduler
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
+TRACKER_DIR = "tensorboard"  # `--report-to tensorboard`: accelerate's tracker writes its event files here
 # Arguments that must match for a resume to continue the same run (the rest, e.g. --save-every, may change).
 RESUME_ARGUMENTS = (
     "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate", "min_lr", "warmup_steps",
@@ -141,12 +143,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               help="continue the run in --output-dir from its newest usable checkpoint")
     continuation.add_argument("--overwrite", action="store_true",
                               help="start afresh in an --output-dir holding an earlier run, deleting its checkpoints, "
-                                   "train_log.jsonl and final/ (nothing else)")
+                                   "train_log.jsonl, final/ and tensorboard/ (nothing else)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--compile", action="store_true",
                         help="compile the model's forward with torch.compile (inductor) before training: about 2x "
                              "faster steps for an explicit Mamba2 on a CPU, after a one-off compile of a minute or two")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    parser.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+                        help="also log every record of train_log.jsonl to this tracker (accelerate's), under "
+                             f"--output-dir/{TRACKER_DIR}/")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_batches",
@@ -259,9 +264,11 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
 
 
 def earlier_run(output_dir: Path) -> list[Path]:
-    """What a run wrote in `output_dir`: its checkpoints, `train_log.jsonl` and `final/` (what `--overwrite`
-    deletes)."""
+    """What a run wrote in `output_dir`: its checkpoints, `train_log.jsonl`, `final/` and, beside a run log, the
+    tracker's `tensorboard/` (what `--overwrite` deletes)."""
     written = [output_dir / LOG_FILE, output_dir / "final"]
+    if (output_dir / LOG_FILE).exists():
+        written.append(output_dir / TRACKER_DIR)
     return checkpoint_folders(output_dir)[::-1] + [path for path in written if path.exists()]
 
 
@@ -321,6 +328,12 @@ class RunLog:
                 file.write(json.dumps(record) + "\n")
 
 
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a log record, for a tracker (the step is its axis)."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def _fsdp_requested() -> bool:
     """Whether the launch asked accelerate for FSDP (`accelerate launch` exports its config as environment)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
@@ -340,7 +353,9 @@ def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    tracking = args.report_to != "none"
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to if tracking else None,
+                              project_dir=args.output_dir if tracking else None)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         # Without GPUs, `accelerate launch --multi_gpu` starts N processes that each train alone on the same files.
@@ -376,6 +391,9 @@ def train(args: argparse.Namespace) -> Path:
         names = ", ".join(path.name + "/" * path.is_dir() for path in earlier)
         raise TrainingError(f"{args.output_dir} holds an earlier run ({names}): pass --resume to continue it, "
                             "--overwrite to start afresh (deleting those), or choose another --output-dir")
+    if tracking and (args.output_dir / TRACKER_DIR).exists() and not (args.output_dir / LOG_FILE).exists():
+        raise TrainingError(f"{args.output_dir / TRACKER_DIR} exists but no run of ours wrote it (no {LOG_FILE}); "
+                            "--report-to would write into it: move it, or choose another --output-dir")
     if args.resume and final.is_dir():
         logger.info("%s is there: the run has finished, nothing to do (to train further, start a new run from it: "
                     "--model %s)", final, final)
@@ -446,6 +464,9 @@ def train(args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     owner = main_process_pid(accelerator)
     log = RunLog(args.output_dir / LOG_FILE, accelerator.is_main_process, kept_log)
+    if tracking:
+        settings = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers(TRACKER_DIR, config=settings)
 
     phase = None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
@@ -483,14 +504,21 @@ def train(args: argparse.Namespace) -> Path:
             **solver_summary(stats), "seconds": time.perf_counter() - start,
         }
         log.write(record)
+        if tracking:
+            accelerator.log(_scalars(record), step=step + 1)
         progress.set_postfix(loss=f"{loss:.3f}", it=f"{record.get('iterations_mean', 0):.1f}")
         done = step + 1
         if eval_stream is not None and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
-            log.write({"step": done, **evaluate(model, eval_stream, args.eval_batches, accelerator)})
+            evaluation = {"step": done, **evaluate(model, eval_stream, args.eval_batches, accelerator)}
+            log.write(evaluation)
+            if tracking:
+                accelerator.log(_scalars(evaluation), step=done)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
             save_checkpoint(accelerator, model, optimizer, scheduler, args.output_dir, done, fingerprint,
                             args.keep_checkpoints, owner)
     progress.close()
+    if tracking:
+        accelerator.end_training()
     return save_final(accelerator, model, tokenizer, args, curriculum.overrides(len(curriculum.phases) - 1))
 
 
