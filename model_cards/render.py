@@ -10,7 +10,7 @@ from string import Template
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from modeling_implicit import IMPLICIT_FAMILIES
@@ -188,18 +188,22 @@ def render_demo_model_card(
     results: str,
     command: str,
     tags: tuple[str, ...] = (),
+    eval_results: list[EvalResult] | None = None,
 ) -> str:
     """Render the README.md of a small model trained by one of the package's experiments (the bundled models under
     `models/`): what it is, the task it was trained on, how to use it, its config and solver, and its measured
-    results with the command that reproduces them. Raises `ValueError` for a config that is not ours."""
+    results with the command that reproduces them; `eval_results` (the measured figures) become the card's
+    `model-index`, which the Hub shows as evaluation results. Raises `ValueError` for a config that is not ours."""
     family_key = IMPLICIT_FAMILIES.get(getattr(config, "model_type", None))
     if family_key is None:
         raise ValueError(f"Expected an implicit Mamba2 or Llama config; got model_type {config.model_type!r}.")
     family = _FAMILIES[family_key]
     metadata = _metadata(family, config, "mit", None, None)
-    if tags:
+    if tags or eval_results:
         card_data = ModelCardData(**yaml.safe_load(metadata))
         card_data.tags = [*card_data.tags, *tags]
+        if eval_results:
+            card_data.model_name, card_data.eval_results = model_name, eval_results
         metadata = card_data.to_yaml()
     template = Template(resources.files(__package__).joinpath("demo_model.md").read_text(encoding="utf-8"))
     card = template.substitute(

@@ -164,3 +164,25 @@ def test_empty_tags_fail_validation():
     start, end = card.index("tags:"), card.index("---", card.index("tags:"))
     with pytest.raises(ValueError, match="tags"):
         validate_model_card(card[:start] + "tags: []\n" + card[end:])
+
+
+@pytest.mark.parametrize("name", ["implicit-mamba2-a5", "implicit-mamba2-s5", "mamba2-16layer-a5", "mamba2-16layer-s5"])
+def test_bundled_cards_show_their_measured_figures_as_evaluation_results(name):
+    """The Hub reads a card's `model-index`: the accuracies recorded in `state_tracking.json`, one per length."""
+    import json
+
+    from conftest import ROOT
+    from huggingface_hub import ModelCard
+    from implicit_lm.training.state_tracking_experiment import card_results
+
+    folder = ROOT / "models" / name
+    text = (folder / "README.md").read_text()
+    validate_model_card(text)
+    card = ModelCard(text)
+    figures = json.loads((folder / "state_tracking.json").read_text())
+    expected = card_results(figures["group"], figures["rows"])
+    assert card.data.model_name == name and len(expected) >= 4
+    assert [(r.dataset_config, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        (r.dataset_config, r.metric_type, r.metric_value) for r in expected]
+    by_length = {row["length"]: row["accuracy"] for row in figures["rows"] if row["mode"] != "simultaneous"}
+    assert card.data.eval_results[0].metric_value == pytest.approx(by_length[min(by_length)], abs=1e-4)

@@ -334,6 +334,23 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def card_results(group: str, rows: list[dict[str, Any]]) -> list[Any]:
+    """The measured per-token accuracies of a bundle (`state_tracking.json`'s rows: sequential mode, or the explicit
+    model's one pass), one result per test length, for its card's `model-index`."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="token-classification", task_name=f"{group} word problem (running product)",
+            dataset_type=f"implicit-lm/word-problem-{group.lower()}",
+            dataset_name=f"{group} word problems of length {row['length']} ({row['num_samples']} fresh sequences)",
+            dataset_config=f"length-{row['length']}", metric_type="accuracy", metric_name="per-token accuracy",
+            metric_value=round(row["accuracy"], 4),
+        )
+        for row in rows if row["mode"] in ("sequential", "explicit")
+    ]
+
+
 def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, Any], folder_name: str, group: str,
                  num_samples: int, seeds: dict[str, Any] | None) -> None:
     """Fill `staging` with the trained model of `spec`, its tokenizer, card and measured figures."""
@@ -413,7 +430,7 @@ def write_bundle(staging: Path, source: Path, spec: ModelSpec, entry: dict[str, 
     card = render_demo_model_card(
         config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
         command="implicit-lm experiment state-tracking --output-dir runs/state-tracking --bundle-dir models",
-        tags=("state-tracking", "word-problem"),
+        tags=("state-tracking", "word-problem"), eval_results=card_results(group, entry["rows"]),
     )
     (staging / "README.md").write_text(card)
     write_json(staging / "state_tracking.json", {
