@@ -81,8 +81,12 @@ def test_state_tracking_experiment(tmp_path, monkeypatch):
         assert len(recorded["rows"]) == (6 if implicit_model else 2)
         metadata = validate_model_card((folder / "README.md").read_text())
         assert "state-tracking" in metadata["tags"]
+        (index,) = metadata["model-index"]  # the measured accuracies, one result per length
+        assert [result["metrics"][0]["value"] for result in index["results"]] == [
+            round(row["accuracy"], 4) for row in recorded["rows"] if row["mode"] != "simultaneous"]
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
         assert model.config.implicit is implicit_model and model.config.vocab_size == 64
+        assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (60, 61, 62)
         generated = pipeline("text-generation", model=str(folder), trust_remote_code=True)(
             "01342 10324 12034", max_new_tokens=1, do_sample=False, return_full_text=False)[0]["generated_text"]
         assert generated.strip() in element_names("A5")
