@@ -244,8 +244,10 @@ class ImplicitLlamaAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_value: KeyValueBuffer | None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
-        """Returns the output, the new tokens' keys/values and, with `output_attentions` (eager attention, whatever
+        return_states: bool = True,
+    ) -> tuple[torch.Tensor, KeyValue | None, torch.Tensor | None]:
+        """Returns the output, the new tokens' keys/values (with `return_states`; None otherwise, so that a sharded
+        layer, FSDP2, returns no view it would have to guard) and, with `output_attentions` (eager attention, whatever
         the configured implementation), the attention weights `(batch, heads, new, past + new)`."""
         batch, seq_len, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
@@ -270,7 +272,7 @@ class ImplicitLlamaAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value, weights
+        return self.o_proj(output.reshape(batch, seq_len, -1)), new_key_value if return_states else None, weights
 
 
 class ImplicitLlamaDecoderLayer(ImplicitLayer):
@@ -292,12 +294,13 @@ class ImplicitLlamaDecoderLayer(ImplicitLayer):
         attention_mask: torch.Tensor | None,
         past_key_value: KeyValueBuffer | None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, KeyValue, torch.Tensor | None]:
+        return_states: bool = True,
+    ) -> tuple[torch.Tensor, KeyValue | None, torch.Tensor | None]:
         dtype = self.input_layernorm.weight.dtype
         residual = self.residual(hidden_states)
         normed = self.input_layernorm(hidden_states.to(dtype))
         attended, key_value, weights = self.self_attn(
-            normed, injection, position_embeddings, attention_mask, past_key_value, output_attentions
+            normed, injection, position_embeddings, attention_mask, past_key_value, output_attentions, return_states
         )
         hidden_states = residual + attended
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states.to(dtype)))
@@ -482,8 +485,10 @@ class ImplicitLlamaModel(ImplicitBackboneMixin, ImplicitLlamaPreTrainedModel):
                 stack_inputs.attention_mask,
                 past,
                 stack_inputs.output_attentions,
+                return_states,
             )
-            new_states.extend(key_value)
+            if return_states:
+                new_states.extend(key_value)
             recorder.block(hidden_states, weights)
         hidden_states = self.norm(hidden_states)
         return hidden_states, (tuple(new_states) if return_states else None, *recorder.finish(hidden_states))

@@ -232,13 +232,16 @@ class ImplicitMamba2Block(ImplicitLayer):
         conv_state: torch.Tensor | None,
         ssm_state: torch.Tensor | None,
         noise: StepNoise | None = None,
-    ) -> tuple[torch.Tensor, Mamba2States]:
+        return_states: bool = True,
+    ) -> tuple[torch.Tensor, Mamba2States | None]:
+        """The block's output and, with `return_states`, its candidate states (views into the mixer's results; None
+        otherwise, so that a sharded block, FSDP2, returns no view it would have to guard)."""
         residual = self.residual(hidden_states)
         normed = self.norm(hidden_states.to(self.norm.weight.dtype))
         if noise is not None:
             normed = noise.latent(normed)
         mixed, states = self.mixer(normed, injection, mask, conv_state, ssm_state)
-        return residual + mixed, states
+        return residual + mixed, states if return_states else None
 
 
 class ImplicitMamba2PreTrainedModel(ImplicitPreTrainedModel):
@@ -374,20 +377,23 @@ class ImplicitMamba2Model(ImplicitBackboneMixin, ImplicitMamba2PreTrainedModel):
         noise = self._step_noise(stack_inputs, cache, hidden_states.shape[1])
         conv_states, ssm_states = [], []
         for index, layer in enumerate(self.layers):
-            hidden_states, (conv_state, ssm_state) = layer(
+            hidden_states, states = layer(
                 hidden_states,
                 injection,
                 mask,
                 None if past is None else past[0][:, index],
                 None if past is None else past[1][:, index],
                 noise,
+                return_states,
             )
-            if noise is not None and return_states:
-                # Each evaluation's candidate states get a draw; only the committed evaluation's reach the cache,
-                # so the committed states carry one draw per token, as the fork's noise after each cache write.
-                conv_state, ssm_state = noise.state(conv_state), noise.state(ssm_state)
-            conv_states.append(conv_state)
-            ssm_states.append(ssm_state)
+            if return_states:
+                conv_state, ssm_state = states
+                if noise is not None:
+                    # Each evaluation's candidate states get a draw; only the committed evaluation's reach the cache,
+                    # so the committed states carry one draw per token, as the fork's noise after each cache write.
+                    conv_state, ssm_state = noise.state(conv_state), noise.state(ssm_state)
+                conv_states.append(conv_state)
+                ssm_states.append(ssm_state)
             recorder.block(hidden_states)
         hidden_states = self.norm_f(hidden_states)
         states = (tuple(conv_states), tuple(ssm_states)) if return_states else None
