@@ -72,6 +72,24 @@ def mode_label(row: dict[str, Any]) -> str:
     return f"simultaneous (cap {cap:g}L)" if cap is not None else f"simultaneous (cap {row['iteration_cap']})"
 
 
+# Bootstrap of the accuracy interval: resamples of the test sequences, and the level of the percentile interval.
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL_LEVEL = 0.95
+
+
+def bootstrap_interval(per_sequence: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `per_sequence` (one value per test sequence: its per-token
+    accuracy), resampling sequences with replacement: positions of one sequence are not independent (an early error
+    in a long sequence tends to persist), sequences are. Seeded, so a table is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    count = per_sequence.shape[0]
+    means = per_sequence[torch.randint(count, (resamples, count), generator=generator)].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype)).tolist()
+    return low, high
+
+
 @torch.no_grad()
 def length_generalization(
     model: torch.nn.Module,
@@ -88,7 +106,8 @@ def length_generalization(
 ) -> list[dict[str, Any]]:
     """Accuracy and solver iterations of `model` on fresh word problems of each length, in each inference mode.
 
-    One row per (length, mode[, cap]): `accuracy` (per token, over every position of every sample),
+    One row per (length, mode[, cap]): `accuracy` (per token, over every position of every sample) with
+    `accuracy_interval`, its 95% bootstrap interval over the `num_samples` sequences (`bootstrap_interval`),
     `sequence_accuracy` (samples with every position right), `final_accuracy` (the last position only), and for
     implicit models the solver iterations: per token in sequential mode, per whole-sequence solve in simultaneous mode
     (`iterations_mean`, `iterations_max`, `converged_fraction`: the share of solves that met the tolerance before the
@@ -158,6 +177,7 @@ def length_generalization(
             "mode": mode,
             "num_samples": num_samples,
             "accuracy": correct.mean().item(),
+            "accuracy_interval": list(bootstrap_interval(correct.mean(1))),
             "sequence_accuracy": correct.min(1).values.mean().item(),
             "final_accuracy": correct[:, -1].mean().item(),
             "iterations_mean": None,
@@ -196,8 +216,18 @@ def _by_label(entry: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return rows
 
 
+def _accuracy_cell(row: dict[str, Any]) -> str:
+    """`0.980 [0.972, 0.987] (n=512)`: the accuracy, its interval and the sequences it was measured on (figures
+    recorded before intervals were: the accuracy alone)."""
+    interval = row.get("accuracy_interval")
+    if interval is None:
+        return f"{row['accuracy']:.3f}"
+    return f"{row['accuracy']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] (n={row['num_samples']})"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown tables: per-token accuracy at each length, one line per (model, mode); then the solver iterations
+    """Markdown tables: per-token accuracy at each length, one line per (model, mode), with its 95% bootstrap interval
+    over the test sequences where the rows have one and the number of sequences; then the solver iterations
     (mean per token in sequential mode, per solve in simultaneous mode) with the share of solves that converged;
     then, where simultaneous mode ran beside sequential mode, the share of identical predictions (duality)."""
     lengths = sorted({row["length"] for entry in results.values() for row in entry["rows"]})
@@ -210,7 +240,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                "|" + "---|" * (2 + len(lengths))]
     for name, entry in results.items():
         for label, by_length in _by_label(entry).items():
-            cells = [f"{by_length[n]['accuracy']:.3f}" if n in by_length else "" for n in lengths]
+            cells = [_accuracy_cell(by_length[n]) if n in by_length else "" for n in lengths]
             accuracy.append(f"| {name} | {entry['parameters'] / 1e3:.0f}K | {label} | " + " | ".join(cells) + " |")
             if any(row["iterations_mean"] is not None for row in by_length.values()):
                 cells = [f"{by_length[n]['iterations_mean']:.1f} ({by_length[n]['converged_fraction']:.1%})"

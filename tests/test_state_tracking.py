@@ -304,7 +304,8 @@ def test_length_generalization_metrics_on_an_oracle():
     assert [(r["length"], r["mode"]) for r in rows] == [(20, "explicit"), (40, "explicit")]
     assert explicit.calls == [("-", None)] * 2
     table = st.format_table({"oracle": {"parameters": 1000, "rows": rows}})
-    assert "| oracle | 1K | explicit | 1.000 | 0.750 |" in table and "Duality" not in table
+    assert "| oracle | 1K | explicit | 1.000 [1.000, 1.000] (n=2) | 0.750 [0.750, 0.750] (n=2) |" in table
+    assert "Duality" not in table
     with pytest.raises(ValueError, match="more than the model's vocabulary"):
         st.length_generalization(oracle, "S5", [4], num_samples=2)
     with pytest.raises(ValueError, match="unknown modes"):
@@ -401,3 +402,17 @@ def test_tokenizer_ids_are_element_indices(group):
     assert tokenizer(text)["input_ids"] == tokens
     with pytest.raises(Exception, match="UNK"):  # no silent unknown token: the vocabulary is the group
         tokenizer("01234 99999")
+
+
+def test_accuracy_interval_is_a_bootstrap_over_sequences():
+    # 512 sequences, half of them right throughout: the 95% interval of the mean is about 0.5 +- 1.96 * sqrt(0.25/512).
+    per_sequence = torch.tensor([1.0, 0.0] * 256, dtype=torch.float64)
+    low, high = st.bootstrap_interval(per_sequence)
+    assert low < 0.5 < high and (high - low) == pytest.approx(2 * 1.96 * (0.25 / 512) ** 0.5, rel=0.15)
+    assert st.bootstrap_interval(per_sequence) == (low, high)  # seeded: the same table twice
+    assert st.bootstrap_interval(torch.ones(64, dtype=torch.float64)) == (1.0, 1.0)
+    rows = st.length_generalization(Oracle("A5", wrong_from=30), "A5", [40], num_samples=8, modes=("sequential",))
+    (row,) = rows
+    low, high = row["accuracy_interval"]
+    assert low <= row["accuracy"] <= high  # every sequence is 30/40 right: a point
+    assert low == high == pytest.approx(0.75)
