@@ -21,20 +21,26 @@ from modeling_implicit.compat import output_cache
 FAMILIES = {"mamba2": tiny_mamba2, "llama": tiny_llama}
 
 
-@pytest.fixture
-def compiles(monkeypatch):
-    """The chunks compiled during a test, through `backend` (aot_eager unless a test asks for inductor)."""
+def recording_compiles(monkeypatch, module, hook: str, **options):
+    """`compile_with(backend)`: patches our compile hook `module.hook` to compile through `backend` (with `options`)
+    and returns the list of what it compiled during the test."""
     compiled = []
 
     def compile_with(backend: str):
-        def compile_chunk(chunk):
-            compiled.append(chunk)
-            return torch.compile(chunk, fullgraph=True, dynamic=False, backend=backend)
+        def compile_hook(function):
+            compiled.append(function)
+            return torch.compile(function, backend=backend, **options)
 
-        monkeypatch.setattr(decode_graphs, "compile_chunk", compile_chunk)
+        monkeypatch.setattr(module, hook, compile_hook)
         return compiled
 
     return compile_with
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The decode chunks compiled during a test, through `backend` (aot_eager unless a test asks for inductor)."""
+    return recording_compiles(monkeypatch, decode_graphs, "compile_chunk", fullgraph=True, dynamic=False)
 
 
 def decode(model, tokens, mask, max_new_tokens=8, **overrides):
@@ -85,22 +91,25 @@ def test_compiled_decoding_is_left_out_where_a_graph_cannot_serve(compiles, sett
 
 
 @pytest.mark.e2e  # inductor compiles C++ (tens of seconds on 2 cores)
-def test_inductor_compiles_one_graph_for_256_tokens_and_another_prompt(compiles):
+@pytest.mark.parametrize(("family", "new_tokens", "graphs"), [("mamba2", 256, 1), ("llama", 24, 3)])
+def test_inductor_compiles_one_graph_per_shape_over_a_long_generation(compiles, family, new_tokens, graphs):
+    """Mamba2: one graph for 256 tokens and another prompt of the same shapes. Llama: one per key/value buffer width
+    (the prompt's 4 tokens leave room for 8, which doubles to 16 and 32 while 24 tokens are decoded)."""
     compiled = compiles("inductor")
-    model = tiny_mamba2(solver="picard", tolerance=1e-5, eval_max_iterations=300, convergence_check_interval=2)
+    model = FAMILIES[family](solver="picard", tolerance=1e-5, eval_max_iterations=300, convergence_check_interval=2)
     tokens = torch.randint(3, 64, (3, 4), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(tokens)
     mask[1, :2] = 0
     torch._dynamo.utils.counters.clear()
-    expected = decode(model, tokens, mask, max_new_tokens=256, skip_converged_rows=False)
-    got = decode(model, tokens, mask, max_new_tokens=256, compile_decoding=True)
-    more = decode(model, tokens[:, :3], mask[:, :3], compile_decoding=True)  # another prompt, same shapes
-    assert torch.equal(got.sequences, expected.sequences)
+    expected = decode(model, tokens, mask, max_new_tokens=new_tokens, skip_converged_rows=False)
+    got = decode(model, tokens, mask, max_new_tokens=new_tokens, compile_decoding=True)
+    assert torch.equal(got.sequences, expected.sequences) and got.sequences.shape == (3, 4 + new_tokens)
     for a, b in zip(got.scores, expected.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert got.sequences.shape == (3, 4 + 256) and more.sequences.shape == (3, 3 + 8)
-    assert len(compiled) == 1
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompile across tokens and prompts
+    if family == "mamba2":
+        more = decode(model, tokens[:, :3], mask[:, :3], compile_decoding=True)  # another prompt, same shapes
+        assert more.sequences.shape == (3, 3 + 8)
+    assert len(compiled) == torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
 
 
 def test_past_the_recompile_limit_a_shape_decodes_eagerly(compiles, monkeypatch):
@@ -129,20 +138,10 @@ def test_past_the_recompile_limit_a_shape_decodes_eagerly(compiles, monkeypatch)
 
 @pytest.fixture
 def stack_compiles(monkeypatch):
-    """The stack evaluations compiled during a test, through `backend`."""
+    """The stack evaluations compiled during a test (`compile_simultaneous`), through `backend`."""
     from modeling_implicit import modeling_implicit_utils
 
-    compiled = []
-
-    def compile_with(backend: str):
-        def compile_stack(evaluate):
-            compiled.append(evaluate)
-            return torch.compile(evaluate, backend=backend)
-
-        monkeypatch.setattr(modeling_implicit_utils, "compile_stack", compile_stack)
-        return compiled
-
-    return compile_with
+    return recording_compiles(monkeypatch, modeling_implicit_utils, "compile_stack")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -182,20 +181,3 @@ def test_compiled_simultaneous_training_step_has_the_eager_gradients(stack_compi
     assert len(compiled) == 1  # the tape-free solve compiled; the phantom steps with a tape ran eagerly
     for a, b in zip(gradients[True], gradients[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.e2e  # inductor compiles C++: one graph per key/value buffer width
-def test_inductor_compiles_llama_decoding_once_per_buffer_width(compiles):
-    compiled = compiles("inductor")
-    model = tiny_llama(solver="picard", tolerance=1e-5, eval_max_iterations=300)
-    tokens = torch.randint(3, 64, (2, 4), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(tokens)
-    mask[0, :1] = 0
-    torch._dynamo.utils.counters.clear()
-    expected = decode(model, tokens, mask, max_new_tokens=24, skip_converged_rows=False)
-    got = decode(model, tokens, mask, max_new_tokens=24, compile_decoding=True)
-    assert torch.equal(got.sequences, expected.sequences)
-    for a, b in zip(got.scores, expected.scores):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # The prompt's 4 tokens leave room for 8; the room doubles to 16 and 32 while 24 tokens are decoded.
-    assert len(compiled) == torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
