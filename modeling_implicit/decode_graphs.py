@@ -12,9 +12,9 @@ over the same static buffers, so the graph's inputs never change identity and it
 any device; on CUDA with `cuda_graph_decoding` too, the compiled chunk is what the CUDA graph captures.
 
 A graph is built the second consecutive time a key (shapes, dtypes, settings) is seen: a shape that repeats every
-token (Mamba2's fixed-size states) gets one, while a shape that changes every token (Llama's growing key/value cache)
-or a new batch size runs eagerly. Without CUDA and compile the same static-buffer path runs as it is (how the tests
-check it).
+token gets one (Mamba2's fixed-size states; Llama's whole key/value buffers, whose width changes only when the cache
+doubles its room: the family's `static_decode_inputs`), while the first token of a shape, a new batch size included,
+runs eagerly. Without CUDA and compile the same static-buffer path runs as it is (how the tests check it).
 """
 
 from __future__ import annotations
