@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from implicit_lm.models import DTYPES
-from implicit_lm.tokens import check_token_range, pack, read_tokens
+from implicit_lm.tokens import check_token_range, document_rows, pack, read_tokens
 
 
 def _boolean(value: str) -> bool:
@@ -64,16 +64,27 @@ def solver_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, seq_len: int) -> None:
-    """`--data`, `--text-field`, `--seq-len`, `--max-sequences`, `--batch-size` (see `load_rows`)."""
-    parser.add_argument("--data", required=True, help=".txt, .jsonl (field --text-field), .npy or .pt token ids")
+    """`--data`, `--split`, `--text-field`, `--seq-len`, `--max-sequences`, `--document-rows`, `--batch-size` (see
+    `load_rows`)."""
+    parser.add_argument("--data", required=True,
+                        help=".txt, .jsonl (field --text-field), .npy or .pt token ids, or a saved 🤗 dataset folder")
+    parser.add_argument("--split", default="validation", help="split of a dataset folder --data (default validation)")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per packed row (default {seq_len})")
     parser.add_argument("--max-sequences", type=int, help="evaluate at most this many rows")
+    parser.add_argument("--document-rows", action="store_true",
+                        help="one row per document of at least --seq-len tokens (its start), instead of packing "
+                             "documents together: every position counts from its document's start")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per forward (default 1)")
 
 
 def load_rows(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
-    """The data of `add_data_arguments`, tokenized, range-checked and packed into `(rows, seq_len)`."""
-    tokens = read_tokens(args.data, tokenizer, args.text_field)
+    """The data of `add_data_arguments`, tokenized, range-checked and packed into `(rows, seq_len)` (or one row per
+    long enough document, `--document-rows`)."""
+    if getattr(args, "document_rows", False):
+        rows = document_rows(args.data, tokenizer, args.seq_len, args.max_sequences, args.text_field, args.split)
+        check_token_range(rows, model.config.vocab_size, args.data)
+        return rows
+    tokens = read_tokens(args.data, tokenizer, args.text_field, args.split)
     check_token_range(tokens, model.config.vocab_size, args.data)
     return pack(tokens, args.seq_len, args.max_sequences, args.data)

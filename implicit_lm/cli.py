@@ -26,6 +26,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "import-pretrained": "implicit_lm.conversion.import_pretrained",
     "publish": "implicit_lm.conversion.publish",
     "refresh-remote-code": "implicit_lm.conversion.refresh_remote_code",
+    "corpus": "implicit_lm.training.corpus",
     "finetune": "implicit_lm.training.finetune",
     "eval": {
         "harness": "implicit_lm.eval.harness",
@@ -40,6 +41,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "experiment": {
         "state-tracking": "implicit_lm.training.state_tracking_experiment",
         "stories": "implicit_lm.training.stories_experiment",
+        "language-model": "implicit_lm.training.language_model_experiment",
     },
     "benchmark": {
         "inference": "implicit_lm.benchmarks.inference",

@@ -1,6 +1,6 @@
 """The figures the commands write: readable layouts (no label drawn over another)."""
 
-from eval import plots, state_tracking
+from implicit_lm.eval import plots, state_tracking
 
 
 def test_length_generalization_rows_do_not_overlap(monkeypatch, tmp_path):

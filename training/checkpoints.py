@@ -10,7 +10,8 @@
 - `scheduler.json`: the learning-rate scheduler's state dict;
 - `scaler.json`: the gradient scaler's state, when accelerate has one (fp16);
 - `rng-RANK.json`: each process's random states (python, numpy, torch CPU, and CUDA when available);
-- `training_state.json`, written last: the format, the step, the run's fingerprint and each file above with its size.
+- `training_state.json`, written last: the format, the step, the run's fingerprint, each file above with its size and,
+  for a streamed corpus, the data stream's position (`data_position`, integers; `training.data.TextStream`).
 
 Every process writes into `.checkpoint-STEP.partial-PID` (the main process's pid), which the main process renames when
 complete; what a killed run left there is removed by the next one (`remove_stale_staging`). `newest_usable_checkpoint`
@@ -104,7 +105,8 @@ def optimizer_file(accelerator: Any) -> str:
 
 
 def save_checkpoint(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, output_dir: Path,
-                    step: int, fingerprint: dict[str, Any], keep: int, owner: int) -> Path:
+                    step: int, fingerprint: dict[str, Any], keep: int, owner: int,
+                    data_position: dict[str, int] | None = None) -> Path:
     """Write `checkpoint-STEP` in `output_dir` (see the module docstring) and prune all but the newest `keep`. Every
     process calls it; `owner` is `main_process_pid`. A checkpoint of the same step already there (one a resume
     skipped as unusable) is replaced."""
@@ -127,7 +129,10 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {path.name: path.stat().st_size for path in sorted(staging.iterdir())}
-        _write_json(staging / STATE_FILE, {"format": FORMAT, "step": step, "fingerprint": fingerprint, "files": files})
+        state = {"format": FORMAT, "step": step, "fingerprint": fingerprint, "files": files}
+        if data_position is not None:
+            state["data_position"] = data_position
+        _write_json(staging / STATE_FILE, state)
         if destination.exists():
             parked = output_dir / f".{destination.name}.replaced-{os.getpid()}"
             destination.rename(parked)
@@ -157,6 +162,11 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
                               "state, which loads by unpickling, and is not resumed)")
     if not isinstance(state.get("step"), int) or "fingerprint" not in state:
         raise CheckpointError(f"{state_path} has no step or no fingerprint")
+    position = state.get("data_position")
+    if position is not None and not (
+            isinstance(position, dict) and set(position) == {"row", "epoch", "documents", "offset"}
+            and all(type(value) is int and value >= 0 for value in position.values())):
+        raise CheckpointError(f"{state_path}: data_position {position!r} is not the position of a data stream")
     files = state["files"]
     present = {path.name for path in folder.iterdir()} - {STATE_FILE}
     unknown = sorted((present - files.keys()) | {name for name in files if not _CHECKPOINT_FILE.fullmatch(name)})

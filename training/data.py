@@ -1,15 +1,24 @@
 """Training data: token files packed into fixed-length rows, served in a seeded order that a resumed run can replay.
 
-Files: the order is a pure function of `(seed, micro-batch index)`: epoch `e` visits the rows in
-`randperm(rows, seed + e)`, and micro-batch `m` of process `r` out of `P` is the next `batch_size` rows of that
+Files in memory (`RowStream`): the order is a pure function of `(seed, micro-batch index)`: epoch `e` visits the rows
+in `randperm(rows, seed + e)`, and micro-batch `m` of process `r` out of `P` is the next `batch_size` rows of that
 endless stream starting at `(m * P + r) * batch_size`. A run therefore needs only the micro-batch counter to continue
 exactly where it stopped, on any number of processes that matches the one it started with. Synthetic tasks
 (`synthetic:S5`, `synthetic:A5`, `synthetic:mixed:P`) are generated per micro-batch from the same counter.
+
+Corpora too large for memory (`TextStream`, `finetune --streaming`): 🤗 `datasets` reads the documents lazily
+(`streaming=True`), epoch `e` visits them in the order of `IterableDataset.shuffle(seed, buffer)` at epoch `e`, and
+they are tokenized as they come, joined with EOS and cut into rows: the same endless row stream and the same
+micro-batch rule as `RowStream`, so the order does not depend on the number of processes. Its position (epoch,
+documents read, tokens of the current document used) is small and saved with every checkpoint; a resumed run skips
+the documents already read without tokenizing them and continues bitwise where it stopped.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +33,13 @@ class DataError(ValueError):
 
 
 def packed_rows(
-    path: str | os.PathLike, tokenizer: Any, seq_len: int, vocab_size: int, text_field: str = "text"
+    path: str | os.PathLike, tokenizer: Any, seq_len: int, vocab_size: int, text_field: str = "text",
+    split: str = "train",
 ) -> torch.Tensor:
-    """The tokens of `path` (`.txt`, `.jsonl`, `.npy`, `.pt`; see `implicit_lm.tokens.read_tokens`) packed into
-    `(rows, seq_len)`, the incomplete tail dropped."""
+    """The tokens of `path` (`.txt`, `.jsonl`, `.npy`, `.pt` or a saved dataset folder and its `split`; see
+    `implicit_lm.tokens.read_tokens`) packed into `(rows, seq_len)`, the incomplete tail dropped."""
     try:
-        tokens = read_tokens(path, tokenizer, text_field)
+        tokens = read_tokens(path, tokenizer, text_field, split)
         check_token_range(tokens, vocab_size, str(path))
         return pack(tokens, seq_len, None, str(path))
     except InputError as error:
@@ -70,6 +80,151 @@ class RowStream:
     def epoch_of(self, micro_step: int) -> float:
         """Passes over the data completed before micro-batch `micro_step` (all processes together)."""
         return micro_step * self.num_processes * self.batch_size / self.rows.shape[0]
+
+
+# `load_dataset` builders for the files `TextStream` streams, by suffix; a folder is a dataset saved with save_to_disk.
+STREAMING_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+
+
+def streaming_documents(path: str | os.PathLike, split: str, text_field: str) -> Any:
+    """`path` as a 🤗 `IterableDataset` of documents: a saved dataset folder (split `split` of a DatasetDict), or a
+    `.jsonl`/`.json`/`.parquet`/`.arrow` file (a record per document, text in `text_field`) or `.txt` file (the whole
+    file one document), read lazily."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError("--streaming needs 🤗 datasets (pip install datasets)") from error
+    path = Path(path)
+    if path.is_dir():
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError as error:
+            raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk: {error}") from error
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"{path} has no split {split!r}; it has {', '.join(dataset)}")
+            dataset = dataset[split]
+        documents = dataset.to_iterable_dataset()
+    elif path.is_file():
+        builder = STREAMING_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: --streaming reads {', '.join(STREAMING_BUILDERS)} files or a saved dataset "
+                            "folder")
+        options = {"sample_by": "document"} if builder == "text" else {}
+        documents = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+    else:
+        raise DataError(f"Data file {path} does not exist")
+    columns = documents.column_names
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{path} has no field {text_field!r}; it has {', '.join(columns)}")
+    return documents
+
+
+class TextStream:
+    """Micro-batches of rows packed from documents read and tokenized lazily (see the module docstring); the same
+    `batch(micro_step)` interface as `RowStream`, plus `position()` / `seek()` for checkpoints.
+
+    `documents` is an `IterableDataset` (`streaming_documents`); each epoch reads it shuffled with a buffer of
+    `shuffle_buffer` documents (0: in order). A run reads its batches in increasing order; asking for an earlier one
+    reads the stream again from the start."""
+
+    def __init__(self, documents: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int, vocab_size: int,
+                 text_field: str = "text", shuffle_buffer: int = 10_000, num_processes: int = 1, rank: int = 0,
+                 source: str = "data"):
+        if tokenizer is None:
+            raise DataError(f"{source} is text but the model has no tokenizer")
+        if seq_len < 2:
+            raise DataError(f"--seq-len {seq_len}: needs at least 2 tokens per row")
+        self.documents, self.tokenizer, self.text_field, self.source = documents, tokenizer, text_field, source
+        self.seq_len, self.batch_size, self.seed, self.vocab_size = seq_len, batch_size, seed, vocab_size
+        self.shuffle_buffer, self.num_processes, self.rank = shuffle_buffer, num_processes, rank
+        self._restart({"row": 0, "epoch": 0, "documents": 0, "offset": 0})
+
+    def _epoch_documents(self, epoch: int) -> Iterator[dict[str, Any]]:
+        if not self.shuffle_buffer:
+            return iter(self.documents)
+        shuffled = self.documents.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        shuffled.set_epoch(epoch)
+        return iter(shuffled)
+
+    def _restart(self, position: dict[str, int]) -> None:
+        """Continue from `position` (see `position()`): skip its epoch's first documents without tokenizing them."""
+        self._row, self._epoch = position["row"], position["epoch"]
+        self._documents_read = position["documents"]
+        # Tokens read in this epoch (enough for a row when resuming inside one): an epoch with fewer than a row's
+        # tokens would loop forever.
+        self._epoch_tokens = self.seq_len if position["documents"] or position["offset"] else 0
+        self._iterator = itertools.islice(self._epoch_documents(self._epoch), position["documents"], None)
+        self._buffer: list[int] = []
+        self._offset = 0  # tokens of the document being cut already in earlier rows
+        if position["offset"]:
+            self._read_document()
+            self._offset = position["offset"]
+            self._buffer = self._buffer[position["offset"]:]
+
+    def _read_document(self) -> bool:
+        """Append the next document's tokens (and EOS) to the buffer; False at the end of the epoch."""
+        record = next(self._iterator, None)
+        if record is None:
+            return False
+        text = record.get(self.text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{self.source}: a document has no string field {self.text_field!r}")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise DataError(f"{self.source} has token ids outside the model's vocabulary [0, {self.vocab_size})")
+        self._documents_read += 1
+        self._epoch_tokens += len(ids)
+        self._buffer, self._offset = ids, 0
+        return True
+
+    def _next_row(self) -> list[int]:
+        row: list[int] = []
+        while len(row) < self.seq_len:
+            if not self._buffer and not self._read_document():
+                # The epoch's incomplete last row is dropped; the next epoch starts a fresh row.
+                if self._epoch_tokens < self.seq_len:
+                    raise DataError(f"{self.source} holds {self._epoch_tokens} tokens, fewer than one row of "
+                                    f"--seq-len {self.seq_len}")
+                self._epoch, self._documents_read, self._epoch_tokens = self._epoch + 1, 0, 0
+                self._iterator, row = self._epoch_documents(self._epoch), []
+                continue
+            taken = self._buffer[:self.seq_len - len(row)]
+            row.extend(taken)
+            self._buffer = self._buffer[len(taken):]
+            self._offset += len(taken)
+        self._row += 1
+        return row
+
+    def position(self) -> dict[str, int]:
+        """Where the stream stands, as JSON-able integers: the global row index next read, its epoch, the documents
+        of that epoch read so far, and how many tokens of the last one rows already hold (0: none pending)."""
+        pending = self._offset if self._buffer else 0
+        return {"row": self._row, "epoch": self._epoch,
+                "documents": self._documents_read - (1 if pending else 0), "offset": pending}
+
+    def seek(self, position: dict[str, int]) -> None:
+        self._restart(position)
+
+    def rows_before(self, micro_step: int) -> int:
+        return micro_step * self.num_processes * self.batch_size
+
+    def batch(self, micro_step: int) -> torch.Tensor:
+        """This process's rows for micro-batch `micro_step` (0-based, counted over the whole run)."""
+        first = self.rows_before(micro_step)
+        if first < self._row:
+            self._restart({"row": 0, "epoch": 0, "documents": 0, "offset": 0})
+        while self._row < first:
+            self._next_row()
+        rows = [self._next_row() for _ in range(self.num_processes * self.batch_size)]
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return torch.tensor(mine, dtype=torch.long)
+
+    def epoch_of(self, micro_step: int) -> float:
+        """Passes over the data completed (whole epochs: a stream's length is known only once it has been read)."""
+        return float(self._epoch)
 
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -125,8 +280,11 @@ class SyntheticStream:
 
 
 def data_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """What identifies the data for resume checks: a synthetic task's spec, or a file's resolved path and size."""
+    """What identifies the data for resume checks: a synthetic task's spec, or a file's (or a dataset folder's)
+    resolved path and size in bytes."""
     if str(path).startswith(SYNTHETIC_PREFIX):
         return {"synthetic": str(path)}
     path = Path(path).resolve()
+    if path.is_dir():
+        return {"path": str(path), "bytes": sum(item.stat().st_size for item in path.rglob("*") if item.is_file())}
     return {"path": str(path), "bytes": path.stat().st_size}

@@ -79,8 +79,10 @@ from .data import (
     DataError,
     RowStream,
     SyntheticStream,
+    TextStream,
     data_fingerprint,
     packed_rows,
+    streaming_documents,
 )
 from .schedule import make_scheduler
 
@@ -92,7 +94,7 @@ TRACKER_DIR = "tensorboard"  # `--report-to tensorboard`: accelerate's tracker w
 RESUME_ARGUMENTS = (
     "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate", "min_lr", "warmup_steps",
     "decay_start", "weight_decay", "adam_betas", "max_grad_norm", "seed", "text_field", "random_init", "preset",
-    "eval_seq_len",
+    "eval_seq_len", "data_split", "streaming", "shuffle_buffer",
     "lora_rank", "lora_alpha", "lora_targets",
 )
 
@@ -116,8 +118,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names, or 'all-linear' (every block projection; the default)")
     parser.add_argument("--data", required=True,
-                        help="training data: .txt, .jsonl, .npy or .pt, or synthetic:S5|A5|mixed:P (word problems)")
+                        help="training data: .txt, .jsonl, .npy or .pt, a saved 🤗 dataset folder (e.g. `implicit-lm "
+                             "corpus`'s DIR/dataset), or synthetic:S5|A5|mixed:P (word problems)")
+    parser.add_argument("--data-split", default="train", help="split of a dataset folder --data (default train)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="read --data lazily with 🤗 datasets (a saved dataset folder, .jsonl, .json, .parquet, "
+                             ".arrow or .txt), tokenized on the fly: for corpora larger than memory")
+    parser.add_argument("--shuffle-buffer", type=int, default=10_000,
+                        help="--streaming: documents in the shuffle buffer (default 10000; 0: read in order)")
     parser.add_argument("--eval-data", help="held-out data (same forms), evaluated every --eval-every steps")
+    parser.add_argument("--eval-split", default="validation",
+                        help="split of a dataset folder --eval-data (default validation)")
     parser.add_argument("--eval-seq-len", type=int, help="row length of the evaluation data (default: --seq-len)")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -158,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "keep_checkpoints"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every"):
+    for name in ("warmup_steps", "eval_every", "save_every", "shuffle_buffer"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.lora_rank < 0:
@@ -411,11 +422,11 @@ def train(args: argparse.Namespace) -> Path:
     curriculum = resolve_curriculum(args.curriculum, model.config)
     plan = curriculum.describe(args.max_steps)  # refuses a curriculum with more phases than steps
     layout = (accelerator.num_processes, accelerator.process_index)
-    stream = make_stream(args.data, args.seq_len, args.seed, model, tokenizer, args, *layout)
+    stream = make_stream(args.data, args.data_split, args.seq_len, args.seed, model, tokenizer, args, *layout)
     eval_stream = None
     if args.eval_data is not None:
-        eval_stream = make_stream(args.eval_data, args.eval_seq_len or args.seq_len, args.seed + EVAL_SEED_OFFSET,
-                                  model, tokenizer, args, *layout)
+        eval_stream = make_stream(args.eval_data, args.eval_split, args.eval_seq_len or args.seq_len,
+                                  args.seed + EVAL_SEED_OFFSET, model, tokenizer, args, *layout, evaluation=True)
     fingerprint = run_fingerprint(args, model, curriculum, accelerator.num_processes)
     resume_from, start_step = None, 0
     if args.resume:
@@ -431,6 +442,11 @@ def train(args: argparse.Namespace) -> Path:
             if differences:
                 raise TrainingError(f"{resume_from} belongs to a different run:\n  " + "\n  ".join(differences))
             start_step = state["step"]
+            if isinstance(stream, TextStream) and state.get("data_position") is not None:
+                # Where the streamed corpus stood; without it the stream re-reads the data up to this step.
+                if state["data_position"]["row"] != stream.rows_before(start_step * args.gradient_accumulation_steps):
+                    raise TrainingError(f"{resume_from}: its data position does not match its step")
+                stream.seek(state["data_position"])
     kept_log = read_log(args.output_dir / LOG_FILE, start_step)
 
     if args.gradient_checkpointing:
@@ -514,21 +530,33 @@ def train(args: argparse.Namespace) -> Path:
             if tracking:
                 accelerator.log(_scalars(evaluation), step=done)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            position = stream.position() if isinstance(stream, TextStream) else None
             save_checkpoint(accelerator, model, optimizer, scheduler, args.output_dir, done, fingerprint,
-                            args.keep_checkpoints, owner)
+                            args.keep_checkpoints, owner, data_position=position)
     progress.close()
     if tracking:
         accelerator.end_training()
     return save_final(accelerator, model, tokenizer, args, curriculum.overrides(len(curriculum.phases) - 1))
 
 
-def make_stream(spec: str, seq_len: int, seed: int, model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
-                num_processes: int, rank: int) -> RowStream | SyntheticStream:
-    """A data file packed into rows, or a synthetic word-problem task."""
+def make_stream(spec: str, split: str, seq_len: int, seed: int, model: torch.nn.Module, tokenizer: Any,
+                args: argparse.Namespace, num_processes: int, rank: int, evaluation: bool = False
+                ) -> RowStream | TextStream | SyntheticStream:
+    """A data file (or split of a dataset folder) packed into rows, read lazily with `--streaming`, or a synthetic
+    word-problem task. `evaluation`: the held-out stream, whose first `--eval-batches` are read every time."""
     vocab_size = model.config.vocab_size
     if spec.startswith(SYNTHETIC_PREFIX):
         return SyntheticStream(spec, seq_len, args.batch_size, seed, vocab_size, num_processes, rank)
-    rows = packed_rows(spec, tokenizer, seq_len, vocab_size, args.text_field)
+    if args.streaming:
+        documents = streaming_documents(spec, split, args.text_field)
+        if not evaluation:
+            return TextStream(documents, tokenizer, seq_len, args.batch_size, seed, vocab_size, args.text_field,
+                              args.shuffle_buffer, num_processes, rank, source=spec)
+        # Evaluation reads the same first rows every time: those of its batches, in order, held in memory.
+        reader = TextStream(documents, tokenizer, seq_len, args.batch_size * num_processes * args.eval_batches, seed,
+                            vocab_size, args.text_field, shuffle_buffer=0, source=spec)
+        return RowStream(reader.batch(0), args.batch_size, seed, num_processes, rank)
+    rows = packed_rows(spec, tokenizer, seq_len, vocab_size, args.text_field, split)
     return RowStream(rows, args.batch_size, seed, num_processes, rank)
 
 
