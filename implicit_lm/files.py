@@ -64,7 +64,7 @@ MODEL_FOLDER_PATTERNS = (
     "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "state_tracking.json", "stories.json",
+    "state_tracking.json", "stories.json", "language_model.json",
     "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
 )
 
