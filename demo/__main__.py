@@ -8,6 +8,9 @@
    and a PNG; then every model through `pipeline("text-generation")`, asked for the product of 200 permutations.
 2. The tiny implicit story LM answers "where is ...?" questions about freshly generated stories through
    `pipeline("text-generation")`, with the solver iterations it spent on each answer.
+3. English: the small implicit Mamba2 pretrained on the King James Bible and Python's documentation, and its explicit
+   twin trained on the same tokens, continue a prompt through `pipeline("text-generation")`, with the solver
+   iterations per token the implicit one spent and each model's recorded held-out perplexity.
 
 Every model is loaded with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the remote code in
 each folder, not this package's classes). Figures go to `outputs/demo/` (`demo.json`, `state_tracking.png`).
@@ -47,6 +50,8 @@ GROUPS = ("S5", "A5")
 # Bundled per group as `<base>-<group>`: the implicit model and the 16-layer explicit baseline.
 STATE_TRACKING_BASES = ("implicit-mamba2", "mamba2-16layer")
 STORY_MODEL = "implicit-mamba2-stories"
+ENGLISH_MODELS = ("implicit-mamba2-english", "mamba2-english")
+ENGLISH_PROMPT = "And God said unto Moses,"
 # Test sets of the demo: seeds the bundled figures (state_tracking.json, stories.json) were not measured on.
 DEMO_SEED = 2026
 
@@ -187,6 +192,28 @@ def stories(args: argparse.Namespace) -> dict[str, Any]:
     return {"accuracy": correct / len(answers), "answers": answers}
 
 
+def english(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import pipeline
+
+    print(f"\n== English LMs through pipeline('text-generation'): {args.english_tokens} new tokens, greedy ==")
+    results = {}
+    for name in ENGLISH_MODELS:
+        folder = args.models_dir / name
+        recorded = json.loads((folder / "language_model.json").read_text())
+        generator = pipeline("text-generation", model=str(folder), trust_remote_code=True, device="cpu")
+        with SolverStatsRecorder(generator.model) as recorder:
+            text = generator(ENGLISH_PROMPT, max_new_tokens=args.english_tokens, do_sample=False,
+                             repetition_penalty=1.3, return_full_text=False)[0]["generated_text"]
+        solve = recorder.summary()["per_token"] if generator.model.config.implicit else None
+        spent = f"; {solve['iterations_mean']:.1f} solver iterations per token" if solve else ""
+        print(f"{name} (held-out perplexity {recorded['held_out_perplexity']:.1f}{spent}):\n  "
+              f"{ENGLISH_PROMPT}{' '.join(text.split())}")
+        results[name] = {"prompt": ENGLISH_PROMPT, "continuation": text,
+                         "iterations_per_token": solve["iterations_mean"] if solve else None,
+                         "held_out_perplexity": recorded["held_out_perplexity"]}
+    return results
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="implicit-lm demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stories", type=int, default=30, help="story questions to ask")
     parser.add_argument("--story-events", default="4,8,16", help="story lengths (events) to draw from")
     parser.add_argument("--show", type=int, default=3, help="stories printed in full")
+    parser.add_argument("--english-tokens", type=int, default=40, help="tokens the English LMs generate (40)")
     args = parser.parse_args(argv)
     try:
         args.lengths = [int(part) for part in args.lengths.split(",")]
@@ -215,17 +243,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.groups = [part.strip() for part in args.groups.split(",") if part.strip()]
     if not args.groups or set(args.groups) - set(GROUPS):
         parser.error(f"--groups {','.join(args.groups)!r}: choose from {','.join(GROUPS)}")
-    counts = (args.num_samples, args.duality_samples, args.stories, args.pipeline_length, args.pipeline_prompts)
+    counts = (args.num_samples, args.duality_samples, args.stories, args.pipeline_length, args.pipeline_prompts,
+              args.english_tokens)
     if min(args.lengths + args.duality_lengths + args.story_events) < 1 or min(counts) < 1:
-        parser.error("lengths, --num-samples, --duality-samples, --stories and the --pipeline-* counts must be "
-                     "positive")
+        parser.error("lengths, --num-samples, --duality-samples, --stories, --english-tokens and the --pipeline-* "
+                     "counts must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     bundled = [f"{base}-{group.lower()}" for group in args.groups for base in STATE_TRACKING_BASES]
-    missing = [name for name in (*bundled, STORY_MODEL) if not (args.models_dir / name).is_dir()]
+    missing = [name for name in (*bundled, STORY_MODEL, *ENGLISH_MODELS) if not (args.models_dir / name).is_dir()]
     if missing:
         raise SystemExit(f"The bundled models {missing} are not in {args.models_dir}; run the demo from a checkout of "
                          "implicit-lm (its models/ folder) or pass --models-dir.")
@@ -236,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  for name in (*bundled, STORY_MODEL))
     with intra_op_threads(threads_for_width(widest)), _no_loading_bars():
         payload = {"state_tracking": state_tracking(args), "stories": stories(args)}
+    with _no_loading_bars():  # wider models: torch's threads
+        payload["english"] = english(args)
     payload["seconds"] = time.perf_counter() - start
     write_json(args.output_dir / "demo.json", payload)
     print(f"\nDone in {payload['seconds']:.0f} s; figures in {args.output_dir}")

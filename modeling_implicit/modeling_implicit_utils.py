@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -858,6 +858,34 @@ def _check_prompt_extends_cache(cache: ImplicitCache, input_ids: torch.LongTenso
     )
 
 
+# transformers' StopStringCriteria reads the vocabulary through this probe text: a tokenizer that cannot encode it (a
+# word-level vocabulary turns it into `<unk>`) cannot use it.
+_STOP_STRING_PROBE = "abcdef"
+
+
+def _stop_strings_probe_cleanly(tokenizer: Any) -> bool:
+    ids = tokenizer(_STOP_STRING_PROBE, add_special_tokens=False)["input_ids"]
+    return _STOP_STRING_PROBE in tokenizer.decode(ids)
+
+
+class DecodedStopStrings(StoppingCriteria):
+    """`generate(stop_strings=...)` for tokenizers transformers' `StopStringCriteria` cannot probe: a row stops when
+    one of `stop_strings` appears in the decoded text and ends in its newest token. Each step decodes only the last
+    few tokens of each row (enough for the longest stop string, as every token decodes to at least one character)."""
+
+    def __init__(self, tokenizer: Any, stop_strings: str | list[str]):
+        self.tokenizer = tokenizer
+        self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        self.lookback = max(len(text) for text in self.stop_strings) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = []
+        for row in input_ids[:, -self.lookback:].tolist():
+            text, before = self.tokenizer.decode(row), self.tokenizer.decode(row[:-1])
+            done.append(any(text.count(stop) > before.count(stop) for stop in self.stop_strings))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class ImplicitCausalLMMixin(RecurrentGenerationMixin):
     """Causal-LM head, loss and `generate()` plumbing shared by implicit LMs: the backbone (`backbone_class`, under
     `base_model_prefix`) and a bias-free `lm_head`, tied to the input embeddings by the family's `_tied_weights_keys`.
@@ -894,6 +922,21 @@ class ImplicitCausalLMMixin(RecurrentGenerationMixin):
         if model_inputs.get(CACHE_NAME) is None and model_inputs.get("use_cache", True) is not False:
             model_inputs[CACHE_NAME] = self.base_model.make_cache()
         return model_inputs
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
+        """transformers' `generate`; `stop_strings` given with a tokenizer whose vocabulary transformers cannot probe
+        (the word-level tokenizers of the bundled models) are matched on the decoded text (`DecodedStopStrings`)."""
+        tokenizer = kwargs.get("tokenizer")
+        configured = getattr(generation_config or self.generation_config, "stop_strings", None)
+        stop_strings = kwargs.get("stop_strings") or configured
+        if stop_strings and tokenizer is not None and not _stop_strings_probe_cleanly(tokenizer):
+            kwargs.pop("stop_strings", None)
+            if configured:
+                generation_config = copy.deepcopy(generation_config or self.generation_config)
+                generation_config.stop_strings = None
+            criteria = kwargs.get("stopping_criteria") or StoppingCriteriaList()
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*criteria, DecodedStopStrings(tokenizer, stop_strings)])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         # transformers maps only the saved class (and the config) in `auto_map`; map `AutoModel` to the backbone too,

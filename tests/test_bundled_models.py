@@ -21,6 +21,7 @@ IMPLICIT = {group: f"implicit-mamba2-{group.lower()}" for group in GROUPS}
 EXPLICIT = {group: f"mamba2-16layer-{group.lower()}" for group in GROUPS}
 STATE_TRACKING = (*IMPLICIT.values(), *EXPLICIT.values())
 STORIES = "implicit-mamba2-stories"
+ENGLISH = ("implicit-mamba2-english", "mamba2-english")
 FRESH_SEED = 424242  # not a seed the recorded figures or the demo use
 # Every module of the package but the Llama family's (and `__init__`, which the remote code never imports): derived, so
 # that a module added later must reach the bundled Mamba2 folders too.
@@ -38,7 +39,7 @@ def load(name: str):
     return AutoModelForCausalLM.from_pretrained(MODELS / name, trust_remote_code=True).eval()
 
 
-@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])
+@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES, *ENGLISH])
 def test_folder_is_a_complete_hub_repo(name):
     folder = MODELS / name
     config = json.loads((folder / "config.json").read_text())
@@ -54,7 +55,7 @@ def test_loads_with_only_transformers_and_the_folders_code(tmp_path):
     """In a fresh interpreter that never imports this package, each folder's own remote code is what runs, through
     AutoModelForCausalLM and AutoModel, also without any of the optional kernel packages (one interpreter for all
     the folders: its start costs seconds)."""
-    names = [*STATE_TRACKING, STORIES]
+    names = [*STATE_TRACKING, STORIES, *ENGLISH]
     script = (
         "import sys, torch\n"
         "for name in ('mamba_ssm', 'causal_conv1d', 'flash_attn', 'triton'):\n"
@@ -78,7 +79,7 @@ def test_loads_with_only_transformers_and_the_folders_code(tmp_path):
         assert f"{MODELS / name} (1, 3, {vocab_size})" in result.stdout, name
 
 
-@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES])
+@pytest.mark.parametrize("name", [*STATE_TRACKING, STORIES, *ENGLISH])
 def test_remote_code_is_the_packages_current_code(name):
     """The folders run the package's modeling code: a change to modeling_implicit/ must be copied into them (and
     the figures re-measured, or the models retrained) before it lands."""
@@ -89,8 +90,14 @@ def test_remote_code_is_the_packages_current_code(name):
 
 
 def test_models_stay_small():
-    size = sum(path.stat().st_size for path in MODELS.rglob("*") if path.is_file())
-    assert size < 8 * 2**20, f"models/ holds {size / 2**20:.1f} MiB"
+    """The synthetic-task models together stay under 8 MiB; each English LM (4M float32 parameters) under 18 MiB."""
+    def size(folder):
+        return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+    small = sum(size(MODELS / name) for name in (*STATE_TRACKING, STORIES))
+    assert small < 8 * 2**20, f"the synthetic-task models hold {small / 2**20:.1f} MiB"
+    for name in ENGLISH:
+        assert size(MODELS / name) < 18 * 2**20, f"{name} holds {size(MODELS / name) / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("name", STATE_TRACKING)
@@ -176,6 +183,29 @@ def test_story_lm_reaches_its_recorded_accuracy():
         assert row["accuracy"] >= expected - 0.15, row
 
 
+def test_stop_strings_stop_each_row_with_a_word_level_tokenizer():
+    """transformers' StopStringCriteria probes a tokenizer with text outside a closed word vocabulary (it failed with
+    `ValueError: substring not found`); our generate matches the stop strings on the decoded text instead."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load(STORIES), AutoTokenizer.from_pretrained(MODELS / STORIES, padding_side="left")
+    prompts = ["the apple is in the kitchen . mary went to the kitchen . mary picked up the apple . where is the apple ?",
+               "mary went to the kitchen . where is mary ?"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    free = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    stopped = model.generate(**batch, max_new_tokens=12, do_sample=False, stop_strings=["daniel went", "garden"],
+                             tokenizer=tokenizer)
+    prompt_length = batch["input_ids"].shape[1]
+    texts = []
+    for row_free, row_stopped in zip(free, stopped):
+        text_free = tokenizer.decode(row_free[prompt_length:], skip_special_tokens=True)
+        text = tokenizer.decode(row_stopped[prompt_length:], skip_special_tokens=True)
+        assert text.endswith(("daniel went", "garden")), text  # a stop string of two tokens, or of one
+        assert text_free.startswith(text) and len(text_free) > len(text)
+        texts.append(text)
+    assert texts == [" bedroom . daniel went", " kitchen . daniel went"]
+
+
 def test_story_lm_answers_through_the_pipeline():
     from implicit_lm.tasks.stories import ROOMS, generate_story
     from transformers import pipeline
@@ -205,7 +235,7 @@ def test_demo_runs_on_the_bundled_models(tmp_path, capsys):
         warnings.filterwarnings("error", message="Fixed-point solver did not converge")
         payload = main(["--output-dir", str(tmp_path), "--lengths", "32,64", "--num-samples", "4",
                         "--duality-lengths", "32", "--duality-samples", "2", "--pipeline-prompts", "1",
-                        "--pipeline-length", "20", "--stories", "2", "--show", "1"])
+                        "--pipeline-length", "20", "--stories", "2", "--show", "1", "--english-tokens", "6"])
     assert set(payload["state_tracking"]) == {"S5", "A5"}
     for group, results in payload["state_tracking"].items():
         assert list(results) == [IMPLICIT[group], EXPLICIT[group]]
@@ -216,3 +246,8 @@ def test_demo_runs_on_the_bundled_models(tmp_path, capsys):
     assert "same as sequential" in captured.out and "simultaneous (cap 2L)" in captured.out
     assert "Loading weights" not in captured.err  # no loading bars between the demo's tables
     assert (tmp_path / "state_tracking.png").stat().st_size > 0 and (tmp_path / "demo.json").is_file()
+    english = payload["english"]
+    assert list(english) == ["implicit-mamba2-english", "mamba2-english"]
+    assert english["implicit-mamba2-english"]["iterations_per_token"] >= 1
+    assert english["mamba2-english"]["iterations_per_token"] is None
+    assert all(entry["continuation"].strip() for entry in english.values())

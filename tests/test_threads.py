@@ -23,14 +23,15 @@ def test_narrow_models_get_one_thread_and_the_setting_comes_back():
 
 
 def test_the_demo_evaluates_its_bundled_models_on_one_thread(monkeypatch, tmp_path):
-    import demo.__main__ as demo
+    import implicit_lm.demo.__main__ as demo
 
     seen = []
     monkeypatch.setattr(demo, "state_tracking", lambda args: seen.append(torch.get_num_threads()) or {})
     monkeypatch.setattr(demo, "stories", lambda args: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(demo, "english", lambda args: seen.append(torch.get_num_threads()) or {})
     torch.set_num_threads(2)
     try:
         demo.main(["--output-dir", str(tmp_path)])
-        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert seen == [1, 1, 2] and torch.get_num_threads() == 2  # the wider English LMs on torch's threads
     finally:
         torch.set_num_threads(1)
