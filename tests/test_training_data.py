@@ -3,6 +3,7 @@ sharding across processes, epochs, exact resume from a checkpoint's position), a
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -37,6 +38,10 @@ def corpus(tmp_path_factory):
                           "validation": datasets.Dataset.from_list(documents(5, seed=1))}).save_to_disk(
         str(root / "folder"))
     (root / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "shards").mkdir()  # the same documents as two shards, one compressed, in name order
+    (root / "shards" / "00.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:15]))
+    with gzip.open(root / "shards" / "01.jsonl.gz", "wt") as shard:
+        shard.write("".join(json.dumps(r) + "\n" for r in records[15:]))
     datasets.Dataset.from_list(records).to_parquet(str(root / "docs.parquet"))
     return root
 
@@ -55,7 +60,7 @@ def test_folder_jsonl_and_parquet_stream_the_same_rows_as_the_in_memory_path(cor
     packed = read_tokens(corpus / "folder", tokenizer, split="train")
     assert torch.equal(packed, read_tokens(corpus / "docs.jsonl", tokenizer))
     rows = packed[: packed.numel() // 8 * 8].view(-1, 8)
-    for source in ("folder", "docs.jsonl", "docs.parquet"):
+    for source in ("folder", "docs.jsonl", "docs.parquet", "shards"):
         streamed = torch.cat([stream(corpus / source, shuffle=0).batch(m) for m in range(rows.shape[0] // 2)])
         assert torch.equal(streamed, rows[: streamed.shape[0]]), source
     validation = read_tokens(corpus / "folder", tokenizer, split="validation")
@@ -117,6 +122,11 @@ def test_streaming_refuses_what_it_cannot_read(corpus, tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="--streaming reads"):
         streaming_documents(tmp_path / "x.csv", "train", "text")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "mary went"}\n')
+    (tmp_path / "mixed" / "b.txt").write_text("mary went")
+    with pytest.raises(DataError, match="mixes data files"):
+        streaming_documents(tmp_path / "mixed", "train", "text")
     (tmp_path / "short.jsonl").write_text('{"text": "mary went"}\n')
     with pytest.raises(DataError, match="fewer than one row"):  # not an endless loop over a too-short corpus
         stream(tmp_path / "short.jsonl", seq_len=64).batch(0)

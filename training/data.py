@@ -7,7 +7,7 @@ exactly where it stopped, on any number of processes that matches the one it sta
 (`synthetic:S5`, `synthetic:A5`, `synthetic:mixed:P`) are generated per micro-batch from the same counter.
 
 Corpora too large for memory (`TextStream`, `finetune --streaming`): 🤗 `datasets` reads the documents lazily
-(`streaming=True`), epoch `e` visits them in the order of `IterableDataset.shuffle(seed, buffer)` at epoch `e`, and
+(`streaming=True`; a saved dataset folder, data files or a folder of shards), epoch `e` visits them in the order of `IterableDataset.shuffle(seed, buffer)` at epoch `e`, and
 they are tokenized as they come, joined with EOS and cut into rows: the same endless row stream and the same
 micro-batch rule as `RowStream`, so the order does not depend on the number of processes. Its position (epoch,
 documents read, tokens of the current document used) is small and saved with every checkpoint; a resumed run skips
@@ -82,38 +82,55 @@ class RowStream:
         return micro_step * self.num_processes * self.batch_size / self.rows.shape[0]
 
 
-# `load_dataset` builders for the files `TextStream` streams, by suffix; a folder is a dataset saved with save_to_disk.
+# `load_dataset` builders for the files `TextStream` streams, by suffix (before a compression suffix).
 STREAMING_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(compression)
+    return STREAMING_BUILDERS.get(Path(name).suffix)
 
 
 def streaming_documents(path: str | os.PathLike, split: str, text_field: str) -> Any:
-    """`path` as a 🤗 `IterableDataset` of documents: a saved dataset folder (split `split` of a DatasetDict), or a
-    `.jsonl`/`.json`/`.parquet`/`.arrow` file (a record per document, text in `text_field`) or `.txt` file (the whole
-    file one document), read lazily."""
+    """`path` as a 🤗 `IterableDataset` of documents, read lazily: a dataset saved with `save_to_disk` (split `split`
+    of a DatasetDict), or a `.jsonl`/`.json`/`.parquet`/`.arrow` file (a record per document, text in
+    `text_field`) or `.txt` file (the whole file one document), possibly compressed (`.gz`, `.zst`, ...), or a folder
+    of such files of one kind (the Pile's shards), read in name order."""
     try:
         import datasets
     except ImportError as error:
         raise DataError("--streaming needs 🤗 datasets (pip install datasets)") from error
     path = Path(path)
-    if path.is_dir():
-        try:
-            dataset = datasets.load_from_disk(str(path))
-        except FileNotFoundError as error:
-            raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk: {error}") from error
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise DataError(f"{path} has no split {split!r}; it has {', '.join(dataset)}")
             dataset = dataset[split]
         documents = dataset.to_iterable_dataset()
-    elif path.is_file():
-        builder = STREAMING_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{path}: --streaming reads {', '.join(STREAMING_BUILDERS)} files or a saved dataset "
-                            "folder")
-        options = {"sample_by": "document"} if builder == "text" else {}
-        documents = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
     else:
-        raise DataError(f"Data file {path} does not exist")
+        if path.is_dir():
+            files = sorted(item for item in path.iterdir() if item.is_file() and _builder(item))
+            if not files:
+                raise DataError(f"{path} is neither a saved dataset nor a folder of data files "
+                                f"({', '.join(STREAMING_BUILDERS)})")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataError(f"Data file {path} does not exist")
+        builders = {_builder(item) for item in files}
+        if None in builders:
+            raise DataError(f"{path}: --streaming reads {', '.join(STREAMING_BUILDERS)} files (compressed or not), a "
+                            "folder of them or a saved dataset folder")
+        if len(builders) > 1:
+            raise DataError(f"{path} mixes data files of several kinds ({', '.join(sorted(builders))})")
+        builder = builders.pop()
+        options = {"sample_by": "document"} if builder == "text" else {}
+        documents = datasets.load_dataset(builder, data_files=[str(item) for item in files], split="train",
+                                          streaming=True, **options)
     columns = documents.column_names
     if columns is not None and text_field not in columns:
         raise DataError(f"{path} has no field {text_field!r}; it has {', '.join(columns)}")

@@ -122,8 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "corpus`'s DIR/dataset), or synthetic:S5|A5|mixed:P (word problems)")
     parser.add_argument("--data-split", default="train", help="split of a dataset folder --data (default train)")
     parser.add_argument("--streaming", action="store_true",
-                        help="read --data lazily with 🤗 datasets (a saved dataset folder, .jsonl, .json, .parquet, "
-                             ".arrow or .txt), tokenized on the fly: for corpora larger than memory")
+                        help="read --data lazily with 🤗 datasets (a saved dataset folder, a .jsonl, .json, .parquet, "
+                             ".arrow or .txt file, compressed or not, or a folder of such shards), tokenized on the "
+                             "fly: for corpora larger than memory")
     parser.add_argument("--shuffle-buffer", type=int, default=10_000,
                         help="--streaming: documents in the shuffle buffer (default 10000; 0: read in order)")
     parser.add_argument("--eval-data", help="held-out data (same forms), evaluated every --eval-every steps")
