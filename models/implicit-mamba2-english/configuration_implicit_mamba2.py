@@ -1,0 +1,1 @@
+../../modeling_implicit/configuration_implicit_mamba2.py

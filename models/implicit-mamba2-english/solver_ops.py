@@ -1,0 +1,1 @@
+../../modeling_implicit/solver_ops.py

@@ -1,0 +1,1 @@
+../../modeling_implicit/decode_graphs.py

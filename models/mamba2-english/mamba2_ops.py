@@ -1,0 +1,1 @@
+../../modeling_implicit/mamba2_ops.py

@@ -1,0 +1,1 @@
+../../modeling_implicit/modeling_implicit_utils.py
