@@ -207,7 +207,7 @@ def english(args: argparse.Namespace) -> dict[str, Any]:
         solve = recorder.summary()["per_token"] if generator.model.config.implicit else None
         spent = f"; {solve['iterations_mean']:.1f} solver iterations per token" if solve else ""
         print(f"{name} (held-out perplexity {recorded['held_out_perplexity']:.1f}{spent}):\n  "
-              f"{ENGLISH_PROMPT}{' '.join(text.split())}")
+              f"{' '.join((ENGLISH_PROMPT + text).split())}")
         results[name] = {"prompt": ENGLISH_PROMPT, "continuation": text,
                          "iterations_per_token": solve["iterations_mean"] if solve else None,
                          "held_out_perplexity": recorded["held_out_perplexity"]}
