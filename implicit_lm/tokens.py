@@ -13,9 +13,8 @@ import torch
 from implicit_lm.cli import InputError
 
 
-def dataset_documents(path: Path, split: str, text_field: str) -> list[str]:
-    """The `text_field` column of a dataset folder written by `save_to_disk` (a `Dataset`, or split `split` of a
-    `DatasetDict`), e.g. the corpus of `implicit-lm corpus`."""
+def saved_dataset(path: Path, split: str) -> Any:
+    """The dataset saved with `save_to_disk` in the folder `path` (split `split` of a `DatasetDict`)."""
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError as error:
@@ -28,6 +27,12 @@ def dataset_documents(path: Path, split: str, text_field: str) -> list[str]:
         if split not in dataset:
             raise InputError(f"{path} has no split {split!r}; it has {', '.join(dataset)}")
         dataset = dataset[split]
+    return dataset
+
+
+def dataset_documents(path: Path, split: str, text_field: str) -> list[str]:
+    """The `text_field` column of a saved dataset folder (`saved_dataset`), e.g. the corpus of `implicit-lm corpus`."""
+    dataset = saved_dataset(path, split)
     if text_field not in dataset.column_names:
         raise InputError(f"{path} has no column {text_field!r}; it has {', '.join(dataset.column_names)}")
     return list(dataset[text_field])

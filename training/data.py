@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from implicit_lm.cli import InputError
-from implicit_lm.tokens import check_token_range, pack, read_tokens
+from implicit_lm.tokens import check_token_range, pack, read_tokens, saved_dataset
 
 
 class DataError(ValueError):
@@ -105,12 +105,10 @@ def streaming_documents(path: str | os.PathLike, split: str, text_field: str) ->
         raise DataError("--streaming needs 🤗 datasets (pip install datasets)") from error
     path = Path(path)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise DataError(f"{path} has no split {split!r}; it has {', '.join(dataset)}")
-            dataset = dataset[split]
-        documents = dataset.to_iterable_dataset()
+        try:
+            documents = saved_dataset(path, split).to_iterable_dataset()
+        except InputError as error:
+            raise DataError(str(error)) from error
     else:
         if path.is_dir():
             files = sorted(item for item in path.iterdir() if item.is_file() and _builder(item))

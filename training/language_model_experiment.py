@@ -83,13 +83,12 @@ def build_config(spec: LanguageModel, tokenizer: Any) -> Any:
     )
 
 
-def ensure_corpus(output_dir: Path) -> Path:
+def ensure_corpus(output_dir: Path) -> None:
     from implicit_lm.training.corpus import build
 
     corpus = output_dir / CORPUS
     if not (corpus / "corpus.json").is_file():
         build(corpus, ["kjv", "python-docs"], vocab_size=8192)
-    return corpus
 
 
 def train_model(spec: LanguageModel, args: argparse.Namespace, threads: int) -> float | None:
@@ -201,9 +200,9 @@ def held_out_tasks(args: argparse.Namespace, folder: Path) -> list[str]:
     """Two lm-eval tasks from the held-out documents, as YAML (JSON) files in `folder`: a LAMBADA-style last-word
     task (the first words of each document, then predict the next word that is a plain word) and a rolling
     perplexity task over each document's first words."""
-    from datasets import load_from_disk
+    from implicit_lm.tokens import dataset_documents
 
-    texts = load_from_disk(str(args.output_dir / CORPUS / "dataset"))["validation"]["text"]
+    texts = dataset_documents(args.output_dir / CORPUS / "dataset", "validation", "text")
     lastword, rolling = [], []
     for text in texts:
         words = text.split()
