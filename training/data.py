@@ -170,12 +170,11 @@ class TextStream:
         # tokens would loop forever.
         self._epoch_tokens = self.seq_len if position["documents"] or position["offset"] else 0
         self._iterator = itertools.islice(self._epoch_documents(self._epoch), position["documents"], None)
-        self._buffer: list[int] = []
-        self._offset = 0  # tokens of the document being cut already in earlier rows
+        self._buffer: list[int] = []  # the tokens of the document being cut into rows
+        self._offset = 0  # how many of them earlier rows hold
         if position["offset"]:
             self._read_document()
             self._offset = position["offset"]
-            self._buffer = self._buffer[position["offset"]:]
 
     def _read_document(self) -> bool:
         """Append the next document's tokens (and EOS) to the buffer; False at the end of the epoch."""
@@ -198,7 +197,7 @@ class TextStream:
     def _next_row(self) -> list[int]:
         row: list[int] = []
         while len(row) < self.seq_len:
-            if not self._buffer and not self._read_document():
+            if self._offset == len(self._buffer) and not self._read_document():
                 # The epoch's incomplete last row is dropped; the next epoch starts a fresh row.
                 if self._epoch_tokens < self.seq_len:
                     raise DataError(f"{self.source} holds {self._epoch_tokens} tokens, fewer than one row of "
@@ -206,9 +205,8 @@ class TextStream:
                 self._epoch, self._documents_read, self._epoch_tokens = self._epoch + 1, 0, 0
                 self._iterator, row = self._epoch_documents(self._epoch), []
                 continue
-            taken = self._buffer[:self.seq_len - len(row)]
+            taken = self._buffer[self._offset:self._offset + self.seq_len - len(row)]
             row.extend(taken)
-            self._buffer = self._buffer[len(taken):]
             self._offset += len(taken)
         self._row += 1
         return row
@@ -216,7 +214,7 @@ class TextStream:
     def position(self) -> dict[str, int]:
         """Where the stream stands, as JSON-able integers: the global row index next read, its epoch, the documents
         of that epoch read so far, and how many tokens of the last one rows already hold (0: none pending)."""
-        pending = self._offset if self._buffer else 0
+        pending = self._offset if self._offset < len(self._buffer) else 0
         return {"row": self._row, "epoch": self._epoch,
                 "documents": self._documents_read - (1 if pending else 0), "offset": pending}
 
