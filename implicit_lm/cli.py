@@ -3,6 +3,7 @@
     implicit-lm demo                                  # the main job on the bundled models
     implicit-lm convert --src CKPT_DIR --dst OUT_DIR  # a reference checkpoint -> Hub repo
     implicit-lm eval perplexity --model DIR --data FILE
+    implicit-lm serve DIR --port 8000                 # an OpenAI-compatible server
     accelerate launch -m implicit_lm.training.finetune ...   # what `implicit-lm finetune` runs, on several processes
 
 `implicit-lm <command> --help` shows a command's options; every command is also `python -m <its module>`.
@@ -27,6 +28,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "publish": "implicit_lm.conversion.publish",
     "refresh-remote-code": "implicit_lm.conversion.refresh_remote_code",
     "corpus": "implicit_lm.training.corpus",
+    "serve": "implicit_lm.serve",
     "finetune": "implicit_lm.training.finetune",
     "eval": {
         "harness": "implicit_lm.eval.harness",
