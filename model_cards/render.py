@@ -6,7 +6,6 @@ import json
 import re
 from dataclasses import dataclass
 from importlib import resources
-from string import Template
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -163,9 +162,8 @@ def render_model_card(
             )
     family = _FAMILIES[family_key]
     tokenizer = tokenizer or DEFAULT_TOKENIZER
-    template = Template(resources.files(__package__).joinpath(family.template).read_text(encoding="utf-8"))
-    card = template.substitute(
-        metadata=_metadata(family, config, license, list(datasets or DEFAULT_DATASETS), base_model),
+    return _render(
+        family.template, _card_data(family, config, license, list(datasets or DEFAULT_DATASETS), base_model),
         model_name=repo_id.split("/")[-1],
         summary=_summary(family, config, preset),
         config_table=_config_table(family, config),
@@ -174,8 +172,6 @@ def render_model_card(
         training=_training(family, preset, base_model) + _provenance(config, source_layout),
         paper_results=_paper_results(family, preset),
     )
-    # Sections a card leaves out (the solver of an explicit model, results without a preset) leave blank runs.
-    return re.sub(r"\n{3,}", "\n\n", card)
 
 
 def render_demo_model_card(
@@ -189,29 +185,37 @@ def render_demo_model_card(
     command: str,
     tags: tuple[str, ...] = (),
     eval_results: list[EvalResult] | None = None,
+    datasets: list[str] | None = None,
+    license: str = "mit",
 ) -> str:
     """Render the README.md of a small model trained by one of the package's experiments (the bundled models under
     `models/`): what it is, the task it was trained on, how to use it, its config and solver, and its measured
     results with the command that reproduces them; `eval_results` (the measured figures) become the card's
-    `model-index`, which the Hub shows as evaluation results. Raises `ValueError` for a config that is not ours."""
+    `model-index`, which the Hub shows as evaluation results; `datasets` are Hub datasets it was trained on (None:
+    data that is not on the Hub). Raises `ValueError` for a config that is not ours."""
     family_key = IMPLICIT_FAMILIES.get(getattr(config, "model_type", None))
     if family_key is None:
         raise ValueError(f"Expected an implicit Mamba2 or Llama config; got model_type {config.model_type!r}.")
     family = _FAMILIES[family_key]
-    metadata = _metadata(family, config, "mit", None, None)
-    if tags or eval_results:
-        card_data = ModelCardData(**yaml.safe_load(metadata))
-        card_data.tags = [*card_data.tags, *tags]
-        if eval_results:
-            card_data.model_name, card_data.eval_results = model_name, eval_results
-        metadata = card_data.to_yaml()
-    template = Template(resources.files(__package__).joinpath("demo_model.md").read_text(encoding="utf-8"))
-    card = template.substitute(
-        metadata=metadata, model_name=model_name, summary=summary, task=task, usage=usage,
+    card_data = _card_data(family, config, license, datasets, None)
+    card_data.tags = [*card_data.tags, *tags]
+    if eval_results:
+        card_data.model_name, card_data.eval_results = model_name, eval_results
+    return _render(
+        "demo_model.md", card_data, model_name=model_name, summary=summary, task=task, usage=usage,
         config_table=_config_table(family, config), solver_section=_solver_section(config), results=results,
         command=command,
     )
-    return re.sub(r"\n{3,}", "\n\n", card)
+
+
+def _render(template: str, card_data: ModelCardData, **sections: str) -> str:
+    """A card from one of our Jinja templates through `huggingface_hub.ModelCard.from_template`, which writes
+    `card_data` (validated metadata, `model-index` included) as the YAML header."""
+    card = ModelCard.from_template(
+        card_data, template_str=resources.files(__package__).joinpath(template).read_text(encoding="utf-8"),
+        **sections)
+    # Sections a card leaves out (the solver of an explicit model, results without a preset) leave blank runs.
+    return re.sub(r"\n{3,}", "\n\n", card.content).rstrip("\n") + "\n"
 
 
 def validate_model_card(text: str) -> dict[str, Any]:
@@ -238,9 +242,9 @@ def validate_model_card(text: str) -> dict[str, Any]:
     return metadata
 
 
-def _metadata(
+def _card_data(
     family: _Family, config: ImplicitPreTrainedConfig, license: str, datasets: list[str] | None, base_model: str | None
-) -> str:
+) -> ModelCardData:
     kind_tag = "deep-equilibrium" if config.implicit else "explicit-baseline"
     card_data = ModelCardData(
         language=["en"],
@@ -251,7 +255,7 @@ def _metadata(
         datasets=datasets,
         base_model=base_model,
     )
-    return card_data.to_yaml()
+    return card_data
 
 
 def _summary(family: _Family, config: ImplicitPreTrainedConfig, preset: str | None) -> str:

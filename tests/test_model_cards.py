@@ -186,3 +186,38 @@ def test_bundled_cards_show_their_measured_figures_as_evaluation_results(name):
         (r.dataset_config, r.metric_type, r.metric_value) for r in expected]
     by_length = {row["length"]: row["accuracy"] for row in figures["rows"] if row["mode"] != "simultaneous"}
     assert card.data.eval_results[0].metric_value == pytest.approx(by_length[min(by_length)], abs=1e-4)
+
+
+def test_the_bundled_story_card_is_rendered_from_its_figures():
+    """The checked-in card is exactly what the experiment's renderer writes from `stories.json` (no drift)."""
+    import json
+
+    from conftest import ROOT
+    from implicit_lm.training.stories_experiment import stories_card
+
+    from modeling_implicit import ImplicitMamba2Config
+
+    folder = ROOT / "models" / "implicit-mamba2-stories"
+    figures = json.loads((folder / "stories.json").read_text())
+    assert (folder / "README.md").read_text() == stories_card(ImplicitMamba2Config.from_pretrained(folder),
+                                                              folder.name, figures)
+
+
+def test_every_bundled_card_has_hub_metadata_and_sets_solvers_per_call():
+    """Every bundled card: validated metadata with `model-index` results; implicit models show `solver_overrides`
+    in their usage and no card tells users to assign solver settings to `model.config`."""
+    import re
+
+    from conftest import ROOT
+    from huggingface_hub import ModelCard
+
+    folders = sorted(path.parent for path in (ROOT / "models").glob("*/README.md"))
+    assert len(folders) >= 7
+    for folder in folders:
+        text = (folder / "README.md").read_text()
+        metadata = validate_model_card(text)
+        card = ModelCard(text)
+        assert card.data.eval_results, f"{folder.name}: no model-index results"
+        assert not re.search(r"model\.config\.\w+\s*=[^=]", text), f"{folder.name} assigns to model.config"
+        if "deep-equilibrium" in metadata["tags"]:
+            assert "solver_overrides" in text, f"{folder.name}: usage without solver_overrides"

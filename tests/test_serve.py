@@ -52,7 +52,7 @@ def load(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")

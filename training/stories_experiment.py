@@ -103,8 +103,6 @@ def bundle(args: argparse.Namespace, results: dict[str, Any]) -> Path:
 
 
 def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any], folder_name: str) -> None:
-    from implicit_lm.model_cards import render_demo_model_card
-
     from modeling_implicit import ImplicitMamba2Config
 
     shutil.copytree(args.output_dir / BUNDLED / "train" / "final", staging, dirs_exist_ok=True)
@@ -112,46 +110,73 @@ def write_bundle(staging: Path, args: argparse.Namespace, results: dict[str, Any
     config = ImplicitMamba2Config.from_pretrained(staging, prefill_mode="sequential")
     config.save_pretrained(staging)
     entry = results[BUNDLED]
+    figures = {
+        "lengths": list(EVAL_LENGTHS), "stories_per_length": args.stories_per_length, "seed": EVAL_SEED,
+        "parameters": entry["parameters"], "rows": entry["rows"], "num_stories": args.num_stories,
+        "measured": time.strftime("%Y-%m-%d"), "machine": run_metadata(argparse.Namespace())["machine"],
+        "baselines": {name: value["rows"] for name, value in results.items() if name != BUNDLED},
+    }
+    (staging / "README.md").write_text(stories_card(config, folder_name, figures))
+    write_json(staging / "stories.json", figures)
+
+
+def stories_card(config: Any, folder_name: str, figures: dict[str, Any]) -> str:
+    """The bundled story model's card from its config and its figures (`stories.json`), which keep what the card
+    says: its rows, the baselines' rows, when and where they were measured, and the training set's size."""
+    from huggingface_hub import EvalResult
+    from implicit_lm.model_cards import render_demo_model_card
+
     summary = (
-        f"A tiny one-block **implicit Mamba2** language model ({entry['parameters']:,} parameters) trained on "
+        f"A tiny one-block **implicit Mamba2** language model ({figures['parameters']:,} parameters) trained on "
         "synthetic bAbI-style stories, in the spirit of the CatbAbI experiment of *Implicit Language Models are "
         "RNNs* (Figure 13). It answers questions about where people and objects are by tracking the state of a "
         "small world through the story."
     )
     task = (
-        "Stories from `implicit_lm/tasks/stories.py`: four objects are placed in rooms, then people move between rooms, pick up "
-        "and drop objects; questions such as `where is mary ?` or `where is the apple ?` are followed by their "
-        f"one-word answer. Trained as an ordinary causal LM on {args.num_stories:,} stories of {MIN_EVENTS} to "
-        f"{MAX_EVENTS} events (a question after every event) with the word-level story tokenizer saved "
-        "beside the weights."
+        "Stories from `implicit_lm/tasks/stories.py`: four objects are placed in rooms, then people move between "
+        "rooms, pick up and drop objects; questions such as `where is mary ?` or `where is the apple ?` are followed "
+        f"by their one-word answer. Trained as an ordinary causal LM on {figures['num_stories']:,} stories of "
+        f"{MIN_EVENTS} to {MAX_EVENTS} events (a question after every event) with the word-level story tokenizer "
+        "saved beside the weights."
     )
     usage = (
-        "```python\nfrom transformers import pipeline\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n\n"
         f'generator = pipeline("text-generation", model="models/{folder_name}", trust_remote_code=True)\n'
         'story = ("the apple is in the kitchen . the football is in the garden . the milk is in the office . "\n'
         '         "the book is in the bedroom . mary went to the kitchen . mary picked up the apple . "\n'
         '         "mary went to the garden . where is the apple ?")\n'
-        "print(generator(story, max_new_tokens=1, do_sample=False, return_full_text=False)[0][\"generated_text\"])\n"
+        "print(generator(story, max_new_tokens=1, do_sample=False, return_full_text=False)[0][\"generated_text\"])\n\n"
+        "# Test-time compute per call: the solver settings of this generate call only (model.config is unchanged).\n"
+        f'model = AutoModelForCausalLM.from_pretrained("models/{folder_name}", trust_remote_code=True).eval()\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("models/{folder_name}", trust_remote_code=True)\n'
+        'inputs = tokenizer(story, return_tensors="pt")\n'
+        "answer = model.generate(**inputs, max_new_tokens=1, do_sample=False,\n"
+        '                        solver_overrides={"eval_max_iterations": 64, "tolerance": 1e-4})\n'
+        "print(tokenizer.decode(answer[0, -1]))\n"
         "```"
     )
-    figures = (
-        f"Accuracy of the greedy answer to a story's last question and mean solver iterations on the answer token "
-        f"(sequential mode), {args.stories_per_length} fresh stories per length, measured "
-        f"{time.strftime('%Y-%m-%d')} on {run_metadata(argparse.Namespace())['machine']} (`stories.json`; the "
-        "package's tests check the model still reaches them). The explicit 2-block baseline trained the same way "
-        "is the second line:\n\n" + format_table({folder_name: entry["rows"], **{
-            name: value["rows"] for name, value in results.items() if name != BUNDLED}})
+    text = (
+        "Accuracy of the greedy answer to a story's last question and mean solver iterations on the answer token "
+        f"(sequential mode), {figures['stories_per_length']} fresh stories per length, measured "
+        f"{figures['measured']} on {figures['machine']} (`stories.json`; the package's tests check the model still "
+        "reaches them). The explicit 2-block baseline trained the same way is the second line:\n\n"
+        + format_table({folder_name: figures["rows"], **figures["baselines"]})
     )
-    card = render_demo_model_card(
-        config, model_name=folder_name, summary=summary, task=task, usage=usage, results=figures,
+    results = [
+        EvalResult(
+            task_type="question-answering", task_name="Story questions (where is X?)",
+            dataset_type="implicit-lm/stories",
+            dataset_name=f"stories of {row['events']} events ({figures['stories_per_length']} fresh stories)",
+            dataset_config=f"events-{row['events']}", metric_type="accuracy", metric_name="answer accuracy",
+            metric_value=round(row["accuracy"], 4),
+        )
+        for row in figures["rows"]
+    ]
+    return render_demo_model_card(
+        config, model_name=folder_name, summary=summary, task=task, usage=usage, results=text,
         command="implicit-lm experiment stories --output-dir runs/stories --bundle-dir models",
-        tags=("babi", "synthetic-stories"),
+        tags=("babi", "synthetic-stories"), eval_results=results,
     )
-    (staging / "README.md").write_text(card)
-    write_json(staging / "stories.json", {
-        "lengths": list(EVAL_LENGTHS), "stories_per_length": args.stories_per_length, "seed": EVAL_SEED,
-        "parameters": entry["parameters"], "rows": entry["rows"],
-    })
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
