@@ -163,7 +163,9 @@ class ModelServer:
                  max_solver_iterations: int):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_tokens_limit, self.max_solver_iterations = max_tokens_limit, max_solver_iterations
-        self.implicit = callable(getattr(model.config, "with_overrides", None))
+        # Ours and implicit: an explicit model (`implicit=False`, or any other causal LM) has no solver to set.
+        self.implicit = callable(getattr(model.config, "with_overrides", None)) and bool(
+            getattr(model.config, "implicit", False))
         self.created = int(time.time())
         self._lock = threading.Lock()
 

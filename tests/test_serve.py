@@ -199,6 +199,33 @@ def test_chat_completions_with_a_chat_template(tmp_path):
         running.close()
 
 
+def test_sampling_with_a_seed_repeats_and_n_gives_several_choices(served):
+    client, _, _ = served
+    first, again = (client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7)
+                    for _ in range(2))
+    assert first.choices[0].text == again.choices[0].text
+    several = client.completions.create(model=NAME, prompt=[PROMPT, "And God said"], max_tokens=6, temperature=0,
+                                        n=2)
+    assert [choice.index for choice in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == several.choices[1].text != several.choices[2].text
+    assert several.usage.completion_tokens == 24
+    assert several.solver["decode_steps"] == 20  # the sums over the four generations
+
+
+def test_an_explicit_model_is_served_without_a_solver():
+    model, tokenizer = load(ROOT / "models" / "mamba2-english")
+    running = InProcessServer(ModelServer(model, tokenizer, "explicit", max_tokens_limit=64,
+                                          max_solver_iterations=128))
+    try:
+        completion = running.client.completions.create(model="explicit", prompt=PROMPT, max_tokens=5, temperature=0)
+        assert completion.usage.completion_tokens == 5 and completion.solver is None
+        with pytest.raises(openai.BadRequestError, match="not an implicit model"):
+            running.client.completions.create(model="explicit", prompt=PROMPT,
+                                              extra_body={"solver_overrides": {"tolerance": 1e-3}})
+    finally:
+        running.close()
+
+
 def test_text_progress_never_takes_back_a_streamed_delta():
     class Characters:  # a tokenizer whose tokens are characters
         def decode(self, ids, skip_special_tokens=True):
