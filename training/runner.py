@@ -35,8 +35,10 @@ def threads_per_job(jobs: int) -> int:
 
 
 def all_threads() -> contextlib.AbstractContextManager[None]:
-    """Every core for this process's own work (the evaluation after the jobs), restoring the thread count after."""
-    return intra_op_threads(threads_per_job(1))
+    """Every core for this process's own work (the evaluation after the jobs), or `OMP_NUM_THREADS` where the caller
+    set it (runs sharing the machine), restoring the thread count after."""
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return intra_op_threads(int(limit) if limit.isdigit() and int(limit) > 0 else threads_per_job(1))
 
 
 def finetune_command(*arguments: str) -> list[str]:
