@@ -136,7 +136,7 @@ class TextProgress:
     def __init__(self, tokenizer: Any, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.sent = 0
+        self.text = ""  # the visible text sent so far
         self.stopped = False
 
     def update(self, generated_ids: list[int], final: bool = False) -> str:
@@ -150,8 +150,8 @@ class TextProgress:
         else:
             visible = text[:len(text) - self.holdback] if self.holdback else text
             visible = visible.rstrip("\ufffd")
-        delta = visible[self.sent:] if len(visible) > self.sent else ""
-        self.sent += len(delta)
+        delta = visible[len(self.text):]
+        self.text += delta
         return delta
 
 
@@ -259,10 +259,7 @@ class ModelServer:
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         hit_eos = bool(generated) and generated[-1] in eos_ids
         finish_reason = "stop" if progress.stopped or hit_eos or len(generated) < settings.max_tokens else "length"
-        text = progress.tokenizer.decode(generated, skip_special_tokens=True)
-        if progress.stopped:
-            text = text[:min(text.find(s) for s in settings.stop if s in text)]
-        return Generation(text=text, completion_tokens=len(generated), prompt_tokens=prompt_length,
+        return Generation(text=progress.text, completion_tokens=len(generated), prompt_tokens=prompt_length,
                           finish_reason=finish_reason,
                           solver=spend.summary(self.solver_settings(overrides)) if self.implicit else None)
 
